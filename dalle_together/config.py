@@ -35,8 +35,9 @@ class DataConfig:
     """Seed of the training stream; worker ``w`` of a run draws from the stream ``(seed, w)``."""
 
     def __post_init__(self) -> None:
-        if self.image_size < 16:
-            raise UserError(f"image side must be at least 16 px, got {self.image_size}")
+        if self.image_size < 32:
+            # Below 32 px a small object is 3 px wide and its shape can no longer be read.
+            raise UserError(f"image side must be at least 32 px, got {self.image_size}")
 
 
 @dataclass(kw_only=True, frozen=True)
