@@ -263,7 +263,9 @@ def with_image_size(cfg: RunConfig, image_size: int) -> RunConfig:
     vq = dataclasses.replace(cfg.vq, image_size=image_size)  # validates divisibility
     model = dataclasses.replace(cfg.model, image_grid=vq.grid_size)
     model = dataclasses.replace(model)  # re-run validation
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=image_size), vq=vq, model=model)
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, image_size=image_size), vq=vq, model=model
+    )
 
 
 def _tiny() -> RunConfig:
@@ -315,8 +317,16 @@ def _small() -> RunConfig:
             conv_kernel=7,
         ),
         optim=OptimConfig(
-            optimizer="lamb", lr=2e-3, betas=(0.9, 0.96), eps=1e-6, weight_decay=0.045, grad_clip=4.0,
-            warmup_steps=500, total_steps=10_000, batch_size=32, target_batch_size=512,
+            optimizer="lamb",
+            lr=2e-3,
+            betas=(0.9, 0.96),
+            eps=1e-6,
+            weight_decay=0.045,
+            grad_clip=4.0,
+            warmup_steps=500,
+            total_steps=10_000,
+            batch_size=32,
+            target_batch_size=512,
         ),
     )
 
@@ -338,7 +348,9 @@ def _full() -> RunConfig:
     return RunConfig(
         preset="full",
         data=DataConfig(image_size=256),
-        vq=VQConfig(kind="vqgan", image_size=256, downsample=8, codebook_size=8192, code_dim=256, hidden_channels=128),
+        vq=VQConfig(
+            kind="vqgan", image_size=256, downsample=8, codebook_size=8192, code_dim=256, hidden_channels=128
+        ),
         text=text,
         model=ModelConfig(
             dim=1024,
@@ -357,8 +369,17 @@ def _full() -> RunConfig:
             gradient_checkpointing=True,
         ),
         optim=OptimConfig(
-            optimizer="lamb", lr=0.0025, betas=(0.9, 0.96), eps=1e-6, weight_decay=0.045, grad_clip=4.0,
-            warmup_steps=3125, total_steps=31_250, batch_size=4, target_batch_size=4096, eight_bit_states=False,
+            optimizer="lamb",
+            lr=0.0025,
+            betas=(0.9, 0.96),
+            eps=1e-6,
+            weight_decay=0.045,
+            grad_clip=4.0,
+            warmup_steps=3125,
+            total_steps=31_250,
+            batch_size=4,
+            target_batch_size=4096,
+            eight_bit_states=False,
         ),
         swarm=SwarmConfig(),
     )

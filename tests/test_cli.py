@@ -17,7 +17,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dalle_together.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
     )
 
 
@@ -38,8 +41,19 @@ def test_help_reads_well():
 
 def test_generate_writes_valid_pngs_and_prints_their_paths(trained_run, tmp_path):
     out = tmp_path / "images"
-    result = cli("generate", "--checkpoint", str(trained_run), "--out", str(out), "--num-images", "2",
-                 "--seed", "3", "a small red circle in the center", "a large blue square in the top left")
+    result = cli(
+        "generate",
+        "--checkpoint",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--num-images",
+        "2",
+        "--seed",
+        "3",
+        "a small red circle in the center",
+        "a large blue square in the top left",
+    )
     assert result.returncode == 0, result.stderr
     paths = [Path(p) for p in result.stdout.split()]
     assert len(paths) == 2 * 2 + 1 and paths[-1].name == "grid.png"
@@ -53,8 +67,18 @@ def test_generate_writes_valid_pngs_and_prints_their_paths(trained_run, tmp_path
 def test_same_seed_same_images(trained_run, tmp_path):
     runs = []
     for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
-        result = cli("generate", "--checkpoint", str(trained_run), "--out", str(tmp_path / name),
-                     "--num-images", "3", "--seed", seed, "a large green triangle in the bottom right")
+        result = cli(
+            "generate",
+            "--checkpoint",
+            str(trained_run),
+            "--out",
+            str(tmp_path / name),
+            "--num-images",
+            "3",
+            "--seed",
+            seed,
+            "a large green triangle in the bottom right",
+        )
         assert result.returncode == 0, result.stderr
         runs.append([np.asarray(Image.open(p)) for p in result.stdout.split()[:-1]])
     assert all(np.array_equal(x, y) for x, y in zip(runs[0], runs[1], strict=True))
@@ -63,7 +87,9 @@ def test_same_seed_same_images(trained_run, tmp_path):
 
 def test_long_prompt_is_truncated_with_a_warning(trained_run, tmp_path):
     prompt = "a large green triangle in the bottom right " * 4
-    result = cli("generate", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--num-images", "1", prompt)
+    result = cli(
+        "generate", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--num-images", "1", prompt
+    )
     assert result.returncode == 0, result.stderr
     assert "warning" in result.stderr and "Traceback" not in result.stderr
 
@@ -83,8 +109,10 @@ def test_evaluate_prints_accuracy_as_json(trained_run):
 
 
 def test_missing_checkpoint(tmp_path):
-    assert_user_error(cli("generate", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path), "a red circle"),
-                      "does not exist")
+    assert_user_error(
+        cli("generate", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path), "a red circle"),
+        "does not exist",
+    )
     assert_user_error(cli("evaluate", "--checkpoint", str(tmp_path)), "no checkpoint")
 
 
@@ -94,8 +122,9 @@ def test_corrupt_checkpoint(trained_run, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(trained_run / "checkpoints" / "step-00000030", broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert_user_error(cli("generate", "--checkpoint", str(broken), "--out", str(tmp_path / "o"), "a red circle"),
-                      "corrupt")
+    assert_user_error(
+        cli("generate", "--checkpoint", str(broken), "--out", str(tmp_path / "o"), "a red circle"), "corrupt"
+    )
     shutil.copy(trained_run / "checkpoints" / "step-00000030" / "model.safetensors", broken)
     (broken / "run.json").write_text("{ truncated")
     assert_user_error(cli("evaluate", "--checkpoint", str(broken)), "corrupt")
@@ -105,18 +134,23 @@ def test_corrupt_checkpoint(trained_run, tmp_path):
 
 
 def test_unknown_preset(tmp_path):
-    assert_user_error(cli("train", "--preset", "huge", "--out", str(tmp_path), "--steps", "1"), "unknown preset")
+    assert_user_error(
+        cli("train", "--preset", "huge", "--out", str(tmp_path), "--steps", "1"), "unknown preset"
+    )
 
 
 def test_image_side_not_divisible_by_downsampling(tmp_path):
-    assert_user_error(cli("train", "--preset", "tiny", "--image-size", "34", "--out", str(tmp_path), "--steps", "1"),
-                      "not divisible")
+    assert_user_error(
+        cli("train", "--preset", "tiny", "--image-size", "34", "--out", str(tmp_path), "--steps", "1"),
+        "not divisible",
+    )
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt(trained_run, tmp_path, prompt):
-    assert_user_error(cli("generate", "--checkpoint", str(trained_run), "--out", str(tmp_path), prompt),
-                      "empty prompt")
+    assert_user_error(
+        cli("generate", "--checkpoint", str(trained_run), "--out", str(tmp_path), prompt), "empty prompt"
+    )
 
 
 def test_cuda_when_absent_is_a_clear_error(trained_run, tmp_path):
@@ -124,5 +158,16 @@ def test_cuda_when_absent_is_a_clear_error(trained_run, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert_user_error(cli("generate", "--checkpoint", str(trained_run), "--out", str(tmp_path), "--device", "cuda",
-                          "a red circle"), "CUDA")
+    assert_user_error(
+        cli(
+            "generate",
+            "--checkpoint",
+            str(trained_run),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cuda",
+            "a red circle",
+        ),
+        "CUDA",
+    )

@@ -18,8 +18,15 @@ def test_train_writes_a_complete_checkpoint(trained_run):
     latest = read_latest(trained_run)
     assert latest is not None and latest.name == f"step-{TEST_STEPS:08d}"
     names = {p.name for p in latest.iterdir()}
-    assert {"model.safetensors", "optimizer.pt", "state.json", "run.json", "text_tokenizer.json",
-            "vqvae.safetensors", "vqvae.json"} <= names
+    assert {
+        "model.safetensors",
+        "optimizer.pt",
+        "state.json",
+        "run.json",
+        "text_tokenizer.json",
+        "vqvae.safetensors",
+        "vqvae.json",
+    } <= names
     state = json.loads((latest / "state.json").read_text())
     assert state["step"] == TEST_STEPS
     assert not list((trained_run / "checkpoints").glob(".step-*")), "temporary directories left behind"
@@ -35,8 +42,11 @@ def test_checkpoint_round_trip_gives_identical_logits(trained_run, tmp_path):
     again = load_bundle(trained_run / "checkpoints" / "step-00000999")
     with torch.no_grad():
         after = again.model(text, image)
-    for b, a in zip(before if isinstance(before, tuple) else (before,), after if isinstance(after, tuple) else (after,),
-                    strict=True):
+    for b, a in zip(
+        before if isinstance(before, tuple) else (before,),
+        after if isinstance(after, tuple) else (after,),
+        strict=True,
+    ):
         assert torch.equal(b, a)
 
 
@@ -62,8 +72,13 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(trained_run, monkeyp
 
     monkeypatch.setattr(torch, "save", explode)
     with pytest.raises(OSError):
-        save_checkpoint(trained_run, cfg_dict=bundle.cfg.to_dict(), model=bundle.model,
-                        state={"step": 12345}, optimizer_state={"x": 1})
+        save_checkpoint(
+            trained_run,
+            cfg_dict=bundle.cfg.to_dict(),
+            model=bundle.model,
+            state={"step": 12345},
+            optimizer_state={"x": 1},
+        )
     assert read_latest(trained_run) == before
     assert not (trained_run / "checkpoints" / "step-00012345").exists()
     assert not list((trained_run / "checkpoints").glob(".step-*"))

@@ -1,0 +1,1 @@
+"""Measurements with their own entry points (``python -m benchmarks.<name>``)."""

@@ -1,0 +1,140 @@
+"""Shared test hygiene: no test leaves processes behind.
+
+hivemind peers are processes (a DHT process, its p2pd daemon, one process per averager); a test
+that fails half-way can leave them running and slow down or hang everything after it. After each
+test we kill the descendants of the pytest process that appeared during that test, so processes
+owned by longer-lived fixtures (started before the test) are left alone.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Living descendants of ``root`` as {pid: start time} (read from /proc)."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the process ended while we looked
+        # the command name (field 2) may contain spaces and parentheses: parse after the last ')'
+        fields = text[text.rindex(")") + 2 :].split()
+        state, ppid, start_time = fields[0], int(fields[1]), int(fields[19])
+        if state != "Z":
+            children.setdefault(ppid, []).append((int(stat.parent.name), start_time))
+    found: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        for child, start_time in children.get(todo.pop(), ()):
+            if child not in found:
+                found[child] = start_time
+                todo.append(child)
+    return found
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2 :].split()[19])
+
+
+def _kill(procs: dict[int, int], sig: int) -> None:
+    """Signal each process, by pid, unless it has ended and its pid was reused since we listed it."""
+    for pid, start_time in procs.items():
+        if _start_time(pid) != start_time:
+            continue
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _is_shared_service(pid: int) -> bool:
+    """torch's shared-memory manager is started once per process and serves every later test."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"torch_shm_manager")
+    except OSError:
+        return False
+
+
+def _alive(procs: dict[int, int]) -> dict[int, int]:
+    return {pid: t for pid, t in procs.items() if _start_time(pid) == t}
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """After each test, end the processes it started and left running (p2pd daemons included)."""
+    if not Path("/proc").is_dir():
+        yield
+        return
+    before = _descendants(os.getpid())
+    yield
+
+    def new_processes() -> dict[int, int]:
+        return {
+            pid: t
+            for pid, t in _descendants(os.getpid()).items()
+            if before.get(pid) != t and not _is_shared_service(pid)
+        }
+
+    if not new_processes():
+        return
+    gc.collect()  # runs hivemind's __del__ shutdowns of DHTs and optimizers that went out of scope
+    # list the whole tree before killing: a p2pd daemon outlives its DHT process and gets re-parented
+    leftover = new_processes()
+    if not leftover:
+        return
+    _kill(leftover, signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and _alive(leftover):
+        time.sleep(0.05)
+    _kill(_alive(leftover), signal.SIGKILL)
+    if "hivemind" in sys.modules:
+        from hivemind.utils.mpfuture import MPFuture
+
+        # a killed peer may have held MPFuture's cross-process locks; start them afresh
+        MPFuture.reset_backend()
+
+
+# --- swarm peers on loopback ------------------------------------------------------------------
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+@pytest.fixture
+def start_peer():
+    """Start a DHT peer on loopback: ``start_peer(run_id, initial_peers=(), client_mode=False)``.
+
+    Every peer (and whatever is registered with ``start_peer.on_shutdown``) stops after the test,
+    in reverse order, so optimizers go before the DHTs they use.
+    """
+    from dalle_together.swarm.dht import start_dht
+    from dalle_together.swarm.records import run_validators
+
+    cleanups = []
+
+    def start(run_id: str, *, initial_peers=(), client_mode: bool = False):
+        dht = start_dht(
+            initial_peers=list(initial_peers),
+            host_maddrs=LOOPBACK,
+            client_mode=client_mode,
+            record_validators=run_validators(run_id),
+        )
+        cleanups.append(dht.shutdown)
+        return dht
+
+    start.on_shutdown = cleanups.append
+    yield start
+    for cleanup in reversed(cleanups):
+        cleanup()

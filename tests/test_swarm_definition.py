@@ -1,0 +1,98 @@
+"""A run's definition: published by the coordinator, fetched and verified by joiners."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from dalle_together.config import preset
+from dalle_together.errors import UserError
+from dalle_together.swarm.dht import visible_maddrs
+from dalle_together.swarm.definition import check_compatible, download_files, fetch_definition, publish_definition
+
+RUN = "defn-test"
+FILES = ("vqvae.safetensors", "vqvae.json", "text_tokenizer.json")
+
+
+@pytest.fixture
+def tokenizer_files(tmp_path: Path) -> dict[str, Path]:
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "vqvae.safetensors").write_bytes(os.urandom(2_500_000))  # several chunks
+    (served / "vqvae.json").write_text('{"codebook_size": 512}')
+    (served / "text_tokenizer.json").write_text("")  # an empty file is a file too
+    return {name: served / name for name in FILES}
+
+
+@pytest.mark.timeout(60)
+def test_joiner_fetches_the_definition_and_verified_files(start_peer, tokenizer_files, tmp_path):
+    coordinator = start_peer(RUN)
+    joiner = start_peer(RUN, initial_peers=visible_maddrs(coordinator), client_mode=True)
+    cfg = preset("tiny")
+    published = publish_definition(coordinator, RUN, cfg, tokenizer_files, expiration_s=60)
+
+    definition = fetch_definition(joiner, RUN, timeout_s=10)
+    assert definition == published
+    assert definition.config == cfg and definition.fingerprint == cfg.fingerprint()
+    assert definition.server_peer_id == str(coordinator.peer_id)
+    assert {f.name: f.size for f in definition.files} == {n: p.stat().st_size for n, p in tokenizer_files.items()}
+
+    cache = tmp_path / "cache"
+    paths = download_files(joiner, definition, cache)
+    assert set(paths) == set(FILES)
+    for name, path in paths.items():
+        assert path == cache / name and path.read_bytes() == tokenizer_files[name].read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(FILES)  # no temporary files left
+
+    mtimes = {name: path.stat().st_mtime_ns for name, path in paths.items()}
+    download_files(joiner, definition, cache)  # already there with the right hashes: kept as is
+    assert {name: path.stat().st_mtime_ns for name, path in paths.items()} == mtimes
+
+    # a served file that no longer matches the published hash is refused and never lands in the cache
+    tokenizer_files["vqvae.json"].write_text('{"codebook_size": 666}')
+    fresh = tmp_path / "fresh"
+    with pytest.raises(UserError, match="vqvae.json from the coordinator does not match"):
+        download_files(joiner, definition, fresh)
+    assert not (fresh / "vqvae.json").exists()
+    assert not any(p.name.startswith(".vqvae.json") for p in fresh.iterdir())
+
+    # re-publishing picks up the change, and the download then succeeds
+    republished = publish_definition(coordinator, RUN, cfg, tokenizer_files, expiration_s=60)
+    assert republished.files != definition.files
+    assert download_files(joiner, fetch_definition(joiner, RUN), fresh)["vqvae.json"].read_text().endswith("666}")
+
+
+@pytest.mark.timeout(60)
+def test_unknown_run_and_vanished_coordinator_are_user_errors(start_peer, tokenizer_files, tmp_path):
+    coordinator = start_peer(RUN)
+    joiner = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    start = time.monotonic()
+    with pytest.raises(UserError, match="no peer serves run 'no-such-run'"):
+        fetch_definition(joiner, "no-such-run", timeout_s=2)
+    assert time.monotonic() - start < 6
+
+    publish_definition(coordinator, RUN, preset("tiny"), tokenizer_files, expiration_s=60)
+    definition = fetch_definition(joiner, RUN)
+    coordinator.shutdown()
+    with pytest.raises(UserError, match="could not download .* from its coordinator"):
+        download_files(joiner, definition, tmp_path / "cache", timeout_s=5)
+
+
+def test_local_options_must_agree_with_the_definition(start_peer, tokenizer_files):
+    coordinator = start_peer(RUN)
+    definition = publish_definition(coordinator, RUN, preset("tiny"), tokenizer_files)
+
+    cfg = check_compatible(definition, {"preset": "tiny", "model.dim": 128, "optim.batch_size": 8, "data.seed": None})
+    assert cfg.optim.batch_size == 8  # a volunteer's own batch size is its business
+    assert cfg == definition.config.replace(optim=dataclasses.replace(definition.config.optim, batch_size=8))
+
+    with pytest.raises(UserError, match=r"defined with model.dim = 128, but you asked for 256"):
+        check_compatible(definition, {"model.dim": 256})
+    with pytest.raises(UserError, match="trains the 'tiny' preset, not 'small'"):
+        check_compatible(definition, {"preset": "small"})
+    with pytest.raises(UserError, match="optim.target_batch_size"):
+        check_compatible(definition, {"optim.target_batch_size": 4096})

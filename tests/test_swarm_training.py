@@ -1,0 +1,224 @@
+"""Real hivemind peers training a small MLP together on loopback: epochs, averaging, joining, checkpoints.
+
+Peers run in threads of the test process (each has its own DHT, identity and averager processes).
+Steps are paced so that one peer alone needs longer than hivemind's first progress refresh (3 s)
+to fill the global batch: peers discover each other before the first epoch ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from dalle_together.config import RunConfig, preset
+from dalle_together.errors import UserError
+from dalle_together.swarm.checkpointer import SwarmCheckpointer
+from dalle_together.swarm.dht import visible_maddrs
+from dalle_together.swarm.metrics import read_status
+from dalle_together.swarm.optimizer import make_swarm_optimizer
+
+BATCH = 8
+TARGET = 128
+STEP_PAUSE_S = 0.2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def swarm_cfg(**swarm) -> RunConfig:
+    cfg = preset("tiny")
+    return cfg.replace(
+        optim=dataclasses.replace(cfg.optim, lr=1e-2, warmup_steps=2, total_steps=50, target_batch_size=TARGET),
+        swarm=dataclasses.replace(
+            cfg.swarm,
+            **{
+                "matchmaking_time_s": 1.0,
+                "allreduce_timeout_s": 10.0,
+                "averaging_timeout_s": 15.0,
+                "compression": "none",
+                "delay_optimizer_step": False,
+                "delay_grad_averaging": False,
+                "offload_optimizer": True,
+                **swarm,
+            },
+        ),
+    )
+
+
+def mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+
+def params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def train_together(models, optimizers, *, epochs: int, deadline_s: float) -> list[list[tuple[int, int]]]:
+    """Train every peer in its own thread until all reach ``epochs``; per peer: (epoch, samples it gave)."""
+    log: list[list[tuple[int, int]]] = [[] for _ in models]
+    deadline = time.monotonic() + deadline_s
+
+    def run(i: int) -> None:
+        model, opt, gen = models[i], optimizers[i], torch.Generator().manual_seed(100 + i)
+        samples = 0
+        while min(o.local_epoch for o in optimizers) < epochs and time.monotonic() < deadline:
+            x = torch.randn(BATCH, 8, generator=gen)
+            loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            loss.backward()
+            epoch = opt.local_epoch
+            opt.step()
+            opt.zero_grad()
+            samples += BATCH
+            if opt.local_epoch != epoch:
+                log[i].append((epoch, samples))
+                samples = 0
+            time.sleep(STEP_PAUSE_S)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(o.local_epoch >= epochs for o in optimizers), f"swarm stuck at {[o.local_epoch for o in optimizers]}"
+    return log
+
+
+@pytest.mark.system
+@pytest.mark.timeout(150)
+def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer):
+    run, cfg, epochs = "train-test", swarm_cfg(), 3
+    first = start_peer(run)
+    second = start_peer(run, initial_peers=visible_maddrs(first))
+    models = [mlp(seed=0), mlp(seed=0)]
+    initial = params(models[0])
+    optimizers = []
+    for dht, model in zip((first, second), models):
+        opt = make_swarm_optimizer(dht=dht, run_id=run, model=model, cfg=cfg, batch_size_per_step=BATCH, client_mode=False)
+        start_peer.on_shutdown(opt.shutdown)
+        optimizers.append(opt)
+
+    log = train_together(models, optimizers, epochs=epochs, deadline_s=90)
+
+    # every epoch needed both peers: neither filled the global batch alone, together they did
+    for epoch in range(epochs):
+        contributed = [dict(peer_log).get(epoch, 0) for peer_log in log]
+        assert all(0 < c < TARGET for c in contributed), (epoch, log)
+        assert sum(contributed) >= TARGET, (epoch, log)
+    # they averaged gradients every epoch, so they took the same steps: equal up to float rounding
+    # (hivemind's all-reduce hands each peer "average - own tensor", which it adds back)
+    assert max_difference(params(models[0]), params(models[1])) < 1e-6
+    assert max_difference(params(models[0]), initial) > 1e-3  # and they did train
+    lr = [o.param_groups[0]["lr"] for o in optimizers]
+    assert lr[0] == lr[1] != cfg.optim.lr  # the schedule follows the global epoch
+    assert read_status(first, run).global_epoch == optimizers[0].local_epoch == optimizers[1].local_epoch
+
+    # a volunteer joining later, with a different initialisation, downloads the swarm's state
+    late = start_peer(run, initial_peers=visible_maddrs(second), client_mode=True)
+    late_model = mlp(seed=1)
+    late_opt = make_swarm_optimizer(
+        dht=late, run_id=run, model=late_model, cfg=cfg, batch_size_per_step=BATCH, client_mode=True
+    )
+    start_peer.on_shutdown(late_opt.shutdown)
+    late_opt.load_state_from_peers()
+    assert late_opt.local_epoch == optimizers[0].local_epoch
+    assert any(
+        all(torch.equal(a, b) for a, b in zip(params(late_model), params(m), strict=True)) for m in models
+    ), "the joiner's parameters are not an exact copy of a peer's"
+    assert late_opt.param_groups[0]["lr"] == lr[0]
+
+
+@pytest.mark.system
+@pytest.mark.timeout(150)
+def test_coordinator_checkpoints_every_k_epochs_and_resumes_after_a_restart(start_peer):
+    run, cfg, every = "ckpt-test", swarm_cfg(checkpoint_every_epochs=2), 2
+    coordinator = start_peer(run)
+    saved: list[tuple[int, list[torch.Tensor], dict]] = []
+    checkpointer = SwarmCheckpointer(
+        dht=coordinator,
+        run_id=run,
+        model=mlp(seed=5),
+        cfg=cfg,
+        save=lambda model, epoch, opt_state: saved.append((epoch, params(model), opt_state)),
+    )
+    start_peer.on_shutdown(checkpointer.shutdown)
+    assert checkpointer.poll() is None  # nothing to save at epoch 0
+
+    volunteers = [start_peer(run, initial_peers=visible_maddrs(coordinator)) for _ in range(2)]
+    models = [mlp(seed=0), mlp(seed=0)]
+    optimizers = []
+    for dht, model in zip(volunteers, models):
+        opt = make_swarm_optimizer(dht=dht, run_id=run, model=model, cfg=cfg, batch_size_per_step=BATCH, client_mode=False)
+        start_peer.on_shutdown(opt.shutdown)
+        optimizers.append(opt)
+    train_together(models, optimizers, epochs=every, deadline_s=90)
+
+    deadline = time.monotonic() + 20
+    while checkpointer.global_epoch < every and time.monotonic() < deadline:
+        time.sleep(0.5)  # the coordinator learns the epoch from hivemind's progress records
+    assert checkpointer.poll() == every
+    epoch, weights, opt_state = saved[-1]
+    assert epoch == every
+    assert max_difference(weights, params(models[0])) < 1e-6
+    assert opt_state["state"]["local_epoch"] == every and opt_state["state"][0]["exp_avg"].abs().sum() > 0
+    assert checkpointer.poll() is None  # not due again until epoch 2 * every
+
+    # the swarm stops; a restarted coordinator restores the checkpoint and a newcomer resumes from it
+    for opt in optimizers:
+        opt.shutdown()
+    for dht in volunteers:
+        dht.shutdown()
+    checkpointer.shutdown()
+    coordinator.shutdown()
+
+    coordinator = start_peer(run)
+    restored_model = mlp(seed=6)
+    with torch.no_grad():
+        for p, w in zip(restored_model.parameters(), weights, strict=True):
+            p.copy_(w)
+    restarted = SwarmCheckpointer(dht=coordinator, run_id=run, model=restored_model, cfg=cfg, save=lambda *a: None)
+    start_peer.on_shutdown(restarted.shutdown)
+    restarted.restore(epoch=epoch, optimizer_state=opt_state)
+    assert restarted.local_epoch == epoch and not restarted.due()
+
+    newcomer = start_peer(run, initial_peers=visible_maddrs(coordinator), client_mode=True)
+    newcomer_model = mlp(seed=7)
+    newcomer_opt = make_swarm_optimizer(
+        dht=newcomer, run_id=run, model=newcomer_model, cfg=cfg, batch_size_per_step=BATCH, client_mode=True
+    )
+    start_peer.on_shutdown(newcomer_opt.shutdown)
+    newcomer_opt.load_state_from_peers()
+    assert newcomer_opt.local_epoch == epoch
+    assert all(torch.equal(a, b) for a, b in zip(params(newcomer_model), weights, strict=True))
+    state = newcomer_opt.state_dict()["state"]
+    assert torch.equal(state[0]["exp_avg"], opt_state["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize(
+    ("swarm", "message"),
+    [
+        (dict(delay_grad_averaging=True, delay_optimizer_step=False), "delay_grad_averaging needs delay_optimizer_step"),
+        (dict(delay_optimizer_step=True, offload_optimizer=False), "delay_optimizer_step needs offload_optimizer"),
+    ],
+)
+def test_option_combinations_hivemind_rejects_are_user_errors(swarm, message):
+    with pytest.raises(UserError, match=message):
+        make_swarm_optimizer(
+            dht=None, run_id="x", model=mlp(0), cfg=swarm_cfg(**swarm), batch_size_per_step=BATCH, client_mode=False
+        )
+    with pytest.raises(UserError, match="auxiliary peer must accept connections"):
+        make_swarm_optimizer(dht=None, run_id="x", model=mlp(0), cfg=swarm_cfg(), batch_size_per_step=None,
+                             client_mode=True, auxiliary=True)
