@@ -7,6 +7,7 @@ reused by every module that imports ``trained_run``.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,14 @@ def quick_tiny() -> RunConfig:
         vq=dataclasses.replace(cfg.vq, train_steps=40, train_minutes=1.0),
         optim=dataclasses.replace(cfg.optim, batch_size=16, warmup_steps=5),
     )
+
+
+def with_tokenizers_of(run_dir: Path, dest: Path) -> Path:
+    """A new run directory that reuses ``run_dir``'s trained tokenizers (skips their training)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("text_tokenizer.json", "vqvae.safetensors", "vqvae.json"):
+        shutil.copy(run_dir / name, dest / name)
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from run_fixtures import TEST_STEPS, quick_tiny, trained_run  # noqa: F401
+from run_fixtures import TEST_STEPS, quick_tiny, trained_run, with_tokenizers_of  # noqa: F401
 
 from dalle_together.checkpoint import read_latest, save_checkpoint
 from dalle_together.errors import UserError
@@ -36,22 +36,18 @@ def test_checkpoint_round_trip_gives_identical_logits(trained_run, tmp_path):
     bundle = load_bundle(trained_run)
     text, image = next(token_batches(bundle.cfg, bundle.text_tokenizer, bundle.vqvae, batch_size=4))
     with torch.no_grad():
-        before = bundle.model(text, image)
+        before = bundle.model(text, image[:, :-1])
     # Save the loaded model as a new checkpoint, reload it, and compare the logits bit for bit.
     save_checkpoint(trained_run, cfg_dict=bundle.cfg.to_dict(), model=bundle.model, state={"step": 999})
     again = load_bundle(trained_run / "checkpoints" / "step-00000999")
     with torch.no_grad():
-        after = again.model(text, image)
-    for b, a in zip(
-        before if isinstance(before, tuple) else (before,),
-        after if isinstance(after, tuple) else (after,),
-        strict=True,
-    ):
-        assert torch.equal(b, a)
+        after = again.model(text, image[:, :-1])
+    assert torch.equal(before.text, after.text) and torch.equal(before.image, after.image)
 
 
-def test_resume_continues_from_the_last_step(tmp_path):
+def test_resume_continues_from_the_last_step(trained_run, tmp_path):
     cfg = quick_tiny()
+    with_tokenizers_of(trained_run, tmp_path)
     first = train(cfg, tmp_path, steps=5, checkpoint_every_s=1e9)
     assert first.state.step == 5
     second = train(cfg, tmp_path, steps=8, checkpoint_every_s=1e9)
@@ -84,13 +80,14 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(trained_run, monkeyp
     assert not list((trained_run / "checkpoints").glob(".step-*"))
 
 
-def test_loss_goes_down_on_shapes(tmp_path):
+def test_loss_goes_down_on_shapes(trained_run, tmp_path):
     cfg = quick_tiny()
-    cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, batch_size=32, warmup_steps=10, total_steps=120))
-    result = train(cfg, tmp_path, steps=120, checkpoint_every_s=1e9)
-    first = result.state.history[0]["loss"]
-    last = result.state.history[-1]["loss"]
-    assert last < 0.8 * first, result.state.history
+    cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, batch_size=16, warmup_steps=10, total_steps=100))
+    with_tokenizers_of(trained_run, tmp_path)
+    losses: list[float] = []
+    train(cfg, tmp_path, steps=100, checkpoint_every_s=1e9, on_progress=lambda s, m: losses.append(m["loss"]))
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.7 * first, (first, last)
 
 
 def test_train_needs_a_limit(tmp_path):
