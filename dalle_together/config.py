@@ -189,7 +189,8 @@ class SwarmConfig:
     allreduce_timeout_s: float = 60.0
     averaging_timeout_s: float = 180.0
     compression: Literal["none", "fp16", "8bit"] = "8bit"
-    """Compression of tensors above ``size_adaptive_threshold`` (fp16 below it)."""
+    """Averaging compression: ``none`` is lossless; ``fp16`` everywhere; ``8bit`` quantises tensors
+    above ``size_adaptive_threshold`` elements to 8 bits and sends smaller ones in fp16 (the seed's)."""
     size_adaptive_threshold: int = 65_537
     delay_optimizer_step: bool = True
     delay_grad_averaging: bool = True
@@ -381,7 +382,8 @@ def _full() -> RunConfig:
             target_batch_size=4096,
             eight_bit_states=False,
         ),
-        swarm=SwarmConfig(),
+        # The seed's final run delayed the optimizer step but not gradient averaging.
+        swarm=SwarmConfig(delay_grad_averaging=False),
     )
 
 

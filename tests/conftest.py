@@ -8,6 +8,7 @@ owned by longer-lived fixtures (started before the test) are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -54,10 +55,8 @@ def _kill(procs: dict[int, int], sig: int) -> None:
     for pid, start_time in procs.items():
         if _start_time(pid) != start_time:
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _is_shared_service(pid: int) -> bool:
@@ -116,13 +115,25 @@ LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 def start_peer():
     """Start a DHT peer on loopback: ``start_peer(run_id, initial_peers=(), client_mode=False)``.
 
-    Every peer (and whatever is registered with ``start_peer.on_shutdown``) stops after the test,
-    in reverse order, so optimizers go before the DHTs they use.
+    Every peer (and whatever is registered with ``stop = start_peer.on_shutdown(fn)``) stops after
+    the test, in reverse order, so optimizers go before the DHTs they use; ``stop()`` runs ``fn``
+    earlier, once.
     """
     from dalle_together.swarm.dht import start_dht
     from dalle_together.swarm.records import run_validators
 
     cleanups = []
+
+    def on_shutdown(fn):
+        done = []
+
+        def once():
+            if not done:
+                done.append(True)
+                fn()
+
+        cleanups.append(once)
+        return once
 
     def start(run_id: str, *, initial_peers=(), client_mode: bool = False):
         dht = start_dht(
@@ -131,10 +142,10 @@ def start_peer():
             client_mode=client_mode,
             record_validators=run_validators(run_id),
         )
-        cleanups.append(dht.shutdown)
+        on_shutdown(dht.shutdown)
         return dht
 
-    start.on_shutdown = cleanups.append
+    start.on_shutdown = on_shutdown
     yield start
     for cleanup in reversed(cleanups):
         cleanup()

@@ -11,8 +11,13 @@ import pytest
 
 from dalle_together.config import preset
 from dalle_together.errors import UserError
+from dalle_together.swarm.definition import (
+    check_compatible,
+    download_files,
+    fetch_definition,
+    publish_definition,
+)
 from dalle_together.swarm.dht import visible_maddrs
-from dalle_together.swarm.definition import check_compatible, download_files, fetch_definition, publish_definition
 
 RUN = "defn-test"
 FILES = ("vqvae.safetensors", "vqvae.json", "text_tokenizer.json")
@@ -39,7 +44,9 @@ def test_joiner_fetches_the_definition_and_verified_files(start_peer, tokenizer_
     assert definition == published
     assert definition.config == cfg and definition.fingerprint == cfg.fingerprint()
     assert definition.server_peer_id == str(coordinator.peer_id)
-    assert {f.name: f.size for f in definition.files} == {n: p.stat().st_size for n, p in tokenizer_files.items()}
+    assert {f.name: f.size for f in definition.files} == {
+        n: p.stat().st_size for n, p in tokenizer_files.items()
+    }
 
     cache = tmp_path / "cache"
     paths = download_files(joiner, definition, cache)
@@ -63,7 +70,11 @@ def test_joiner_fetches_the_definition_and_verified_files(start_peer, tokenizer_
     # re-publishing picks up the change, and the download then succeeds
     republished = publish_definition(coordinator, RUN, cfg, tokenizer_files, expiration_s=60)
     assert republished.files != definition.files
-    assert download_files(joiner, fetch_definition(joiner, RUN), fresh)["vqvae.json"].read_text().endswith("666}")
+    assert (
+        download_files(joiner, fetch_definition(joiner, RUN), fresh)["vqvae.json"]
+        .read_text()
+        .endswith("666}")
+    )
 
 
 @pytest.mark.timeout(60)
@@ -86,7 +97,9 @@ def test_local_options_must_agree_with_the_definition(start_peer, tokenizer_file
     coordinator = start_peer(RUN)
     definition = publish_definition(coordinator, RUN, preset("tiny"), tokenizer_files)
 
-    cfg = check_compatible(definition, {"preset": "tiny", "model.dim": 128, "optim.batch_size": 8, "data.seed": None})
+    cfg = check_compatible(
+        definition, {"preset": "tiny", "model.dim": 128, "optim.batch_size": 8, "data.seed": None}
+    )
     assert cfg.optim.batch_size == 8  # a volunteer's own batch size is its business
     assert cfg == definition.config.replace(optim=dataclasses.replace(definition.config.optim, batch_size=8))
 

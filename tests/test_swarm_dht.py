@@ -57,3 +57,14 @@ def test_unreachable_initial_peer_is_a_user_error_within_seconds():
         )
     assert A_PEER_ID in str(err.value)  # says which peers it tried
     assert time.monotonic() - start < 10.0
+
+
+@pytest.mark.timeout(60)
+def test_an_identity_file_keeps_the_peer_id_across_restarts(start_peer, tmp_path):
+    key = tmp_path / "coordinator.key"
+    first = start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=key)
+    peer_id = first.peer_id
+    first.shutdown()
+    again = start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=key)
+    start_peer.on_shutdown(again.shutdown)
+    assert again.peer_id == peer_id

@@ -34,7 +34,9 @@ def test_two_peers_publish_and_anyone_reads_the_summary(start_peer):
     bob = start_peer(RUN, initial_peers=visible_maddrs(coordinator), client_mode=True)
 
     assert _publish(alice)
-    assert _publish(bob, samples_total=100, samples_per_second=7.5, loss=float("nan"), local_epoch=4, name="bob")
+    assert _publish(
+        bob, samples_total=100, samples_per_second=7.5, loss=float("nan"), local_epoch=4, name="bob"
+    )
 
     peers = read_metrics(coordinator, RUN)
     assert sorted(p.name for p in peers) == ["alice", "bob"]
@@ -70,7 +72,9 @@ def test_entries_are_validated_signed_and_expire(start_peer):
     wrong_type = {**entry, "samples_total": 640.0}
     assert not mallory.store(metrics_key(RUN), wrong_type, expiration, subkey=local_public_key(mallory))
     # nobody can overwrite another peer's entry: it is signed with the owner's key
-    assert not mallory.store(metrics_key(RUN), {**entry, "loss": 0.0}, expiration, subkey=local_public_key(alice))
+    assert not mallory.store(
+        metrics_key(RUN), {**entry, "loss": 0.0}, expiration, subkey=local_public_key(alice)
+    )
     assert [p.loss for p in read_metrics(coordinator, RUN)] == [2.5]
 
     # an entry that is not refreshed disappears

@@ -1,0 +1,51 @@
+"""The swarm layer: the only part of dalle-together that imports hivemind.
+
+- :mod:`.dht`: start a peer's DHT node (addresses checked, failures as one sentence), its identity.
+- :mod:`.records`: the run's DHT keys and the schemas every peer validates them against.
+- :mod:`.definition`: the coordinator publishes the run's config and serves its tokenizer files;
+  joiners fetch, verify and cache them.
+- :mod:`.metrics`: each peer's metrics, and the run's status summarised from them.
+- :mod:`.optimizer`: hivemind.Optimizer configured from a RunConfig.
+- :mod:`.checkpointer`: the coordinator's auxiliary peer that saves the swarm's state.
+"""
+
+from dalle_together.swarm.checkpointer import SwarmCheckpointer
+from dalle_together.swarm.definition import (
+    RunDefinition,
+    TokenizerFile,
+    check_compatible,
+    download_files,
+    fetch_definition,
+    publish_definition,
+)
+from dalle_together.swarm.dht import start_dht, visible_maddrs
+from dalle_together.swarm.metrics import (
+    PeerMetrics,
+    RunStatus,
+    publish_metrics,
+    read_metrics,
+    read_status,
+    withdraw_metrics,
+)
+from dalle_together.swarm.optimizer import make_swarm_optimizer
+from dalle_together.swarm.records import run_validators
+
+__all__ = [
+    "PeerMetrics",
+    "RunDefinition",
+    "RunStatus",
+    "SwarmCheckpointer",
+    "TokenizerFile",
+    "check_compatible",
+    "download_files",
+    "fetch_definition",
+    "make_swarm_optimizer",
+    "publish_definition",
+    "publish_metrics",
+    "read_metrics",
+    "read_status",
+    "run_validators",
+    "start_dht",
+    "visible_maddrs",
+    "withdraw_metrics",
+]

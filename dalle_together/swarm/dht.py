@@ -1,0 +1,177 @@
+"""Starting a peer's DHT node, with every failure a volunteer can cause turned into one sentence.
+
+Each DHT started here gets its own RSA record key, which signs the records the peer owns (its
+metrics, its run definition, hivemind's progress entry). Other modules ask :func:`signing_key`
+for it, so several peers can share one process (tests) without overwriting each other's entries.
+``authorizer=`` is the seam for an access-controlled run (hivemind's ``AuthorizerBase``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import weakref
+from collections.abc import Iterable, Sequence
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.logging import get_logger
+from hivemind.utils.multiaddr import Multiaddr
+
+from dalle_together.errors import UserError
+
+logger = get_logger(__name__)
+
+DEFAULT_HOST_MADDRS = ("/ip4/0.0.0.0/tcp/0",)
+"""Listen on every IPv4 interface, on a port the OS picks."""
+
+_SIGNING_KEYS: weakref.WeakKeyDictionary[hivemind.DHT, RSAPrivateKey] = weakref.WeakKeyDictionary()
+
+
+def _parse(maddr: str, what: str) -> Multiaddr:
+    if not isinstance(maddr, str) or not maddr.strip():
+        raise UserError(f"{what} {maddr!r} is not a multiaddr (expected e.g. /ip4/203.0.113.7/tcp/31337)")
+    try:
+        return Multiaddr(maddr.strip())
+    except Exception as e:  # the multiaddr codecs raise several types (StringParseError, ValueError, ...)
+        raise UserError(f"{what} {maddr!r} is not a valid multiaddr: {e}") from None
+
+
+def check_initial_peer(maddr: str) -> str:
+    """``maddr`` stripped, or a :class:`UserError` naming what is wrong with it."""
+    parsed = _parse(maddr, "initial peer")
+    if "p2p" not in parsed:
+        raise UserError(
+            f"initial peer {maddr!r} lacks its /p2p/<peer id> part; copy the whole address the "
+            f"coordinator prints (like /ip4/203.0.113.7/tcp/31337/p2p/12D3KooW...)"
+        )
+    return str(parsed)
+
+
+def start_dht(
+    *,
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str] = DEFAULT_HOST_MADDRS,
+    announce_maddrs: Sequence[str] = (),
+    client_mode: bool = False,
+    authorizer: object | None = None,
+    record_validators: Iterable[RecordValidatorBase] = (),
+    record_key: RSAPrivateKey | None = None,
+    identity_path: str | os.PathLike[str] | None = None,
+    startup_timeout_s: float = 10.0,
+) -> hivemind.DHT:
+    """Start this peer's DHT node and connect it to ``initial_peers`` (none: start a new swarm).
+
+    :param initial_peers: full multiaddrs (with ``/p2p/<id>``) of peers already in the swarm.
+    :param host_maddrs: where to listen, e.g. ``/ip4/0.0.0.0/tcp/31337``.
+    :param announce_maddrs: public addresses to tell others (behind NAT/port forwarding), with ports.
+    :param client_mode: a peer behind a firewall: it connects out but accepts no connections.
+    :param authorizer: a ``hivemind.utils.auth.AuthorizerBase`` for access-controlled runs.
+    :param record_validators: typically ``run_validators(run_id)``; a signature validator is added.
+    :param record_key: the RSA key that signs this peer's DHT records (default: a fresh one).
+    :param identity_path: a file holding this peer's libp2p key (created if missing), so that its
+      peer id, and the addresses volunteers were given, survive a restart (use it for a coordinator).
+    :param startup_timeout_s: give up if the initial peers have not answered by then.
+    :raises UserError: a malformed address, no answer from any initial peer, or a port in use.
+    """
+    initial = [check_initial_peer(m) for m in initial_peers]
+    hosts = [str(_parse(m, "listen address")) for m in host_maddrs]
+    announce = []
+    for m in announce_maddrs:
+        parsed = _parse(m, "announce address")
+        if ("tcp" in parsed and parsed["tcp"] == "0") or ("udp" in parsed and parsed["udp"] == "0"):
+            raise UserError(
+                f"announce address {m!r} needs an explicit port (port 0 means 'any' only when listening)"
+            )
+        announce.append(str(parsed))
+    if client_mode and not initial:
+        raise UserError("a client-mode peer cannot start a swarm on its own: give it --initial-peers")
+    if not hosts and not client_mode:
+        raise UserError("a peer that accepts connections needs at least one listen address")
+
+    record_key = record_key if record_key is not None else RSAPrivateKey()
+    validators = [RSASignatureValidator(record_key), *record_validators]
+    dht = hivemind.DHT(
+        initial_peers=initial,
+        start=False,
+        client_mode=client_mode,
+        host_maddrs=hosts,
+        announce_maddrs=announce or None,
+        record_validators=validators,
+        authorizer=authorizer,
+        startup_timeout=startup_timeout_s,
+        **({"identity_path": str(identity_path)} if identity_path is not None else {}),
+    )
+    try:
+        # the p2p daemon bootstraps within startup_timeout_s, then the DHT pings initial peers (3 s)
+        dht.run_in_background(await_ready=True, timeout=startup_timeout_s + 10.0)
+    except BaseException as e:
+        _stop(dht)
+        raise _explain(e, initial, hosts, startup_timeout_s) from None
+    _SIGNING_KEYS[dht] = record_key
+    logger.debug(f"DHT started: peer {dht.peer_id}, client_mode={client_mode}")
+    return dht
+
+
+def _stop(dht: hivemind.DHT) -> None:
+    if dht.is_alive():
+        dht.shutdown()
+    dht.join(timeout=5)
+    if dht.is_alive():
+        dht.terminate()
+        dht.join(timeout=5)
+
+
+def _explain(e: BaseException, initial: list[str], hosts: list[str], timeout_s: float) -> BaseException:
+    if isinstance(e, KeyboardInterrupt):
+        return e
+    text = str(e)
+    bootstrap_failed = (
+        "failed to connect to bootstrap peers" in text
+        or "bootstrap failed" in text
+        or (initial and ("failed to start in" in text or isinstance(e, TimeoutError)))
+    )
+    if initial and bootstrap_failed:
+        peers = ", ".join(initial)
+        return UserError(
+            f"none of the initial peers answered ({peers}); check the addresses and that the "
+            f"coordinator is running and reachable (waited up to {timeout_s:.0f} s)"
+        )
+    if "address already in use" in text:
+        return UserError(f"cannot listen on {', '.join(hosts)}: address already in use (pick another port)")
+    if isinstance(e, (P2PDaemonError, RuntimeError, TimeoutError, OSError)):
+        return UserError(f"could not start the p2p node: {text.strip() or type(e).__name__}")
+    return e
+
+
+def signing_key(dht: hivemind.DHT) -> RSAPrivateKey:
+    """The key that signs ``dht``'s records (hivemind's process-wide key for a DHT not started here)."""
+    key = _SIGNING_KEYS.get(dht)
+    return key if key is not None else RSAPrivateKey.process_wide()
+
+
+def local_public_key(dht: hivemind.DHT) -> bytes:
+    """The subkey under which ``dht`` publishes records that only it may change."""
+    return RSASignatureValidator(signing_key(dht)).local_public_key
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Addresses others can pass as initial peers (``/ip4/.../tcp/.../p2p/<id>``), public ones first."""
+    peer_id = str(dht.peer_id)
+    out: list[tuple[int, str]] = []
+    for maddr in dht.get_visible_maddrs():
+        if not any(proto in maddr for proto in ("ip4", "ip6", "dns4", "dns6", "dns")):
+            continue  # relay-only or unix addresses are of no use to a volunteer
+        text = str(maddr)
+        if "p2p" not in maddr:
+            text = f"{text}/p2p/{peer_id}"
+        rank = 1
+        for proto in ("ip4", "ip6"):
+            if proto in maddr:
+                ip = ipaddress.ip_address(maddr[proto])
+                rank = 2 if ip.is_loopback else (1 if ip.is_private or ip.is_link_local else 0)
+        out.append((rank, text))
+    return [text for _, text in sorted(set(out))]

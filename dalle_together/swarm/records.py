@@ -1,0 +1,93 @@
+"""What a run keeps in the DHT: its keys, and the schemas every peer validates records against.
+
+Two records belong to a run ``R`` (hivemind's own ``R_progress``, ``R_state_averager...`` and
+``R_grad_averager...`` keys sit beside them):
+
+- ``R_definition``: the run's configuration and tokenizer files, one entry per publisher;
+- ``R_metrics``: one entry per peer (loss, throughput, samples contributed).
+
+Each entry lives under a subkey holding its author's RSA public key and is signed with the
+matching private key, so only its author can change it (hivemind's ``RSASignatureValidator``);
+``SchemaValidator`` makes every peer refuse to store an entry that does not match the schema.
+Both validators only protect the DHT if every peer installs them: start each peer's DHT with
+``start_dht(..., record_validators=run_validators(run_id))``.
+
+hivemind 1.1.12 validates with pydantic's v1 API, so the schemas here are ``pydantic.v1`` models
+with strict field types (a record that needs any type conversion is rejected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic.v1 as pydantic
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.validation import RecordValidatorBase
+
+FILE_NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A served file's name: a plain file name, never a path (joiners write it into their cache)."""
+
+
+def definition_key(run_id: str) -> str:
+    return f"{run_id}_definition"
+
+
+def metrics_key(run_id: str) -> str:
+    return f"{run_id}_metrics"
+
+
+def progress_key(run_id: str) -> str:
+    """hivemind.Optimizer's progress tracker publishes each peer's epoch and samples here."""
+    return f"{run_id}_progress"
+
+
+class PeerMetrics(pydantic.BaseModel):
+    """One peer's report, refreshed while it trains; it disappears when the peer stops refreshing it."""
+
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    """The peer's libp2p id (base58)."""
+    name: pydantic.constr(strict=True, max_length=64)
+    """A display name the volunteer chose (may be empty)."""
+    device: pydantic.constr(strict=True, max_length=64)
+    """What it trains on, e.g. ``cuda:NVIDIA A100`` or ``cpu``."""
+    fingerprint: pydantic.constr(strict=True, max_length=32)
+    """``RunConfig.fingerprint()`` of the configuration it trains with."""
+    samples_total: pydantic.conint(ge=0, strict=True)
+    """Samples this peer has contributed since it joined."""
+    samples_per_second: pydantic.confloat(ge=0.0, strict=True)
+    loss: pydantic.StrictFloat | None
+    """Mean training loss over its recent local steps; ``None`` before the first one."""
+    local_epoch: pydantic.conint(ge=0, strict=True)
+    """The collaboration epoch (global optimizer step) this peer is at."""
+    time: pydantic.StrictFloat
+    """When it was published (hivemind's DHT time, seconds since the epoch)."""
+
+
+class FileEntry(pydantic.BaseModel):
+    name: pydantic.constr(strict=True, regex=FILE_NAME_REGEX)
+    size: pydantic.conint(ge=0, strict=True)
+    sha256: pydantic.constr(strict=True, regex=r"^[0-9a-f]{64}$")
+
+
+class DefinitionRecord(pydantic.BaseModel):
+    """A run's definition as published by its coordinator."""
+
+    config: dict[pydantic.StrictStr, Any]
+    """``RunConfig.to_dict()``."""
+    fingerprint: pydantic.constr(strict=True, regex=r"^[0-9a-f]{1,64}$")
+    files: list[FileEntry]
+    server_peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    """The peer that serves ``files`` over libp2p (the publisher)."""
+    protocol: pydantic.constr(strict=True, min_length=1, max_length=256)
+    """The libp2p protocol (stream handler name) it serves them under."""
+    time: pydantic.StrictFloat
+
+
+class _RunSchema(pydantic.BaseModel):
+    metrics: dict[BytesWithPublicKey, PeerMetrics | None]
+    definition: dict[BytesWithPublicKey, DefinitionRecord | None]
+
+
+def run_validators(run_id: str) -> list[RecordValidatorBase]:
+    """Validators for run ``run_id``'s records; every peer's DHT should be started with them."""
+    return [SchemaValidator(_RunSchema, allow_extra_keys=True, prefix=run_id)]
