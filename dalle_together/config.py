@@ -64,8 +64,10 @@ class VQConfig:
     """A code whose EMA usage falls below this is restarted from a random encoder output."""
     object_weight: float = 10.0
     """Reconstruction weight of non-background pixels: objects are small, the background is not."""
-    lr: float = 2e-3
-    batch_size: int = 64
+    lr: float = 4e-3
+    batch_size: int = 32
+    """Measured on 2 cores: batch 32 at lr 4e-3 reads shape right on 100% of reconstructions
+    after 3 minutes, where batch 64 at 2e-3 had not converged."""
     train_steps: int = 3000
     """Upper bound on steps; ``train_minutes`` usually stops it first."""
     train_minutes: float = 3.0
