@@ -116,7 +116,8 @@ def train(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Train tokenizers (or reuse them) and the transformer on shapes; resumes from OUT."""
-    from dalle_together.train import TrainState, train as run_training
+    from dalle_together.train import TrainState
+    from dalle_together.train import train as run_training
 
     cfg = _build_config(preset_name, image_size)
     _time_limit_options(steps, minutes)
@@ -207,7 +208,8 @@ def evaluate(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Judge generated images with a pixel reader: per-attribute accuracy, seen vs hold-out."""
-    from dalle_together.evaluate import ATTRIBUTES, evaluate as run_evaluation
+    from dalle_together.evaluate import ATTRIBUTES
+    from dalle_together.evaluate import evaluate as run_evaluation
     from dalle_together.inference import SamplingOptions, load_bundle, make_grid, save_png
 
     if num_captions <= 0:
