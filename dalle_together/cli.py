@@ -235,8 +235,394 @@ def evaluate(
     print(f"VQ-VAE reconstruction PSNR: {report.vqvae_psnr_db:.2f} dB")
 
 
+# --- collaborative training --------------------------------------------------------------------
+#
+# `coordinator`, `join` and `status` only parse options and print; the swarm layer does the work.
+# Long-running peers stop on SIGINT/SIGTERM through one event: the first signal asks them to leave
+# cleanly (during start-up, where nothing waits on the event, it interrupts at once); a second one
+# gives up waiting.
+
+MULTI_VALUE_OPTIONS = ("--initial-peers", "--host-maddrs", "--announce-maddrs")
+"""Options that take several addresses after one flag, as hivemind's tools do (``--initial-peers A B``)."""
+
+RunIdOpt = Annotated[
+    str, typer.Option("--run-id", help="Name of the collaboration (letters, digits, . _ -).")
+]
+InitialPeersOpt = Annotated[
+    list[str],
+    typer.Option(
+        "--initial-peers",
+        help="Multiaddrs of peers in the run, as the coordinator prints them (/ip4/.../tcp/.../p2p/...).",
+    ),
+]
+HostMaddrsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--host-maddrs", help="Where to listen (default /ip4/0.0.0.0/tcp/0: all interfaces, any port)."
+    ),
+]
+AnnounceMaddrsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--announce-maddrs", help="Public addresses to tell others (behind port forwarding), with ports."
+    ),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Also show hivemind's own log messages.")]
+
+
+def _expand_multi_value_options(args: list[str]) -> list[str]:
+    """``--initial-peers A B --run-id R`` -> ``--initial-peers A --initial-peers B --run-id R``."""
+    out: list[str] = []
+    flag, values = None, 0
+    for arg in args:
+        if flag is not None and not arg.startswith("-"):
+            out += [arg] if values == 0 else [flag, arg]
+            values += 1
+            continue
+        flag, values = (arg if arg in MULTI_VALUE_OPTIONS else None), 0
+        out.append(arg)
+    return out
+
+
+def _swarm_peer_setup(verbose: bool) -> None:
+    """What a long-running peer (coordinator, volunteer) needs before it starts any process."""
+    from dalle_together.swarm.dht import detach_children_from_terminal_signals
+
+    _swarm_logging(verbose)
+    detach_children_from_terminal_signals()
+
+
+def _swarm_logging(verbose: bool) -> None:
+    from dalle_together.swarm.dht import configure_hivemind_logging
+
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    logging.getLogger("dalle_together").setLevel(logging.INFO)
+    if not verbose:  # hivemind's background event loops leave pending tasks behind at exit
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    configure_hivemind_logging(verbose=verbose)
+
+
+class _Shutdown:
+    """One event that SIGINT/SIGTERM set; while ``interruptible``, a signal also interrupts at once."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self.event = threading.Event()
+        self.interruptible = True
+        self._pid = os.getpid()
+
+    def __enter__(self) -> _Shutdown:
+        import signal
+
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        import os
+        import signal
+
+        if os.getpid() != self._pid:  # a process forked from this one (hivemind's): default behaviour
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        again = self.event.is_set()
+        self.event.set()
+        if again or self.interruptible:
+            raise KeyboardInterrupt
+        console.print("stopping (press Ctrl-C again to stop at once)")
+
+
+def _say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _fmt_loss(loss: float | None) -> str:
+    import math
+
+    return f"{loss:.3f}" if loss is not None and math.isfinite(loss) else "-"
+
+
+def _check_run_id(run_id: str) -> str:
+    from dalle_together.swarm.records import check_run_id
+
+    return check_run_id(run_id)
+
+
+@app.command()
+def coordinator(
+    run_id: RunIdOpt,
+    checkpoint_dir: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint-dir",
+            help="The run's directory: tokenizers, identity and checkpoints (generate/evaluate read it).",
+        ),
+    ],
+    preset_name: Annotated[
+        str | None,
+        typer.Option(
+            "--preset", help="Model size: tiny, small or full (default: the directory's run, or tiny)."
+        ),
+    ] = None,
+    host_maddrs: HostMaddrsOpt = None,
+    announce_maddrs: AnnounceMaddrsOpt = None,
+    target_batch_size: Annotated[
+        int | None,
+        typer.Option("--target-batch-size", help="Samples per optimizer step, summed over all volunteers."),
+    ] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option("--warmup-steps", help="Learning-rate warm-up, in optimizer steps (epochs).")
+    ] = None,
+    total_steps: Annotated[
+        int | None, typer.Option("--total-steps", help="Length of the cosine schedule, in optimizer steps.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    matchmaking_time: Annotated[
+        float | None,
+        typer.Option("--matchmaking-time", help="Seconds peers spend forming an averaging group."),
+    ] = None,
+    checkpoint_every_epochs: Annotated[
+        int | None, typer.Option("--checkpoint-every-epochs", help="Save the swarm's state every K epochs.")
+    ] = None,
+    keep_checkpoints: Annotated[
+        int | None, typer.Option("--keep-checkpoints", help="Keep the newest M checkpoints.")
+    ] = None,
+    tokenizer_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--tokenizer-minutes",
+            help="Image tokenizer training time if DIR has none (default: the preset's).",
+        ),
+    ] = None,
+    status_every: Annotated[
+        float, typer.Option("--status-every", help="Seconds between status lines.")
+    ] = 30.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start a run (or resume it): print the addresses volunteers join through, keep checkpoints."""
+    from dalle_together.swarm.coordinator import CoordinatorOptions, describe_config, run_coordinator
+    from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS
+
+    _swarm_peer_setup(verbose)
+    if status_every <= 0:
+        raise UserError("--status-every must be positive")
+    if tokenizer_minutes is not None and tokenizer_minutes <= 0:
+        raise UserError("--tokenizer-minutes must be positive")
+    if lr is not None and lr <= 0:
+        raise UserError("--lr must be positive")
+    options = CoordinatorOptions(
+        run_id=_check_run_id(run_id),
+        checkpoint_dir=checkpoint_dir,
+        preset_name=preset_name,
+        overrides={
+            "optim.target_batch_size": target_batch_size,
+            "optim.warmup_steps": warmup_steps,
+            "optim.total_steps": total_steps,
+            "optim.lr": lr,
+            "swarm.matchmaking_time_s": matchmaking_time,
+            "swarm.checkpoint_every_epochs": checkpoint_every_epochs,
+            "swarm.keep_checkpoints": keep_checkpoints,
+        },
+        host_maddrs=tuple(host_maddrs or DEFAULT_HOST_MADDRS),
+        announce_maddrs=tuple(announce_maddrs or ()),
+        tokenizer_minutes=tokenizer_minutes,
+        status_every_s=status_every,
+    )
+
+    with _Shutdown() as shutdown:
+
+        def on_ready(ready) -> None:
+            for address in ready.addresses:
+                print(address, flush=True)
+            _say(f"run {run_id!r}: {describe_config(ready.cfg)}")
+            if ready.resumed_epoch is not None:
+                _say(f"resumed from the checkpoint of epoch {ready.resumed_epoch}")
+            _say(
+                "volunteers join with: dalle-together join --run-id "
+                + run_id
+                + " --initial-peers "
+                + ready.addresses[0]
+            )
+            shutdown.interruptible = False
+
+        def on_status(s) -> None:
+            checkpoint = (
+                f"epoch {s.last_checkpoint_epoch}" if s.last_checkpoint_epoch is not None else "none yet"
+            )
+            _say(
+                f"epoch {s.epoch} | {s.samples_per_second:.1f} samples/s | {s.alive_peers} peers "
+                f"({s.training_peers} training) | {s.samples_accumulated}/{s.target_batch_size} samples "
+                f"| loss {_fmt_loss(s.loss)} | checkpoint {checkpoint}"
+            )
+
+        run_coordinator(options, stop=shutdown.event, on_ready=on_ready, on_status=on_status)
+    _say("coordinator stopped")
+
+
+@app.command()
+def join(
+    initial_peers: InitialPeersOpt,
+    run_id: RunIdOpt,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Samples per local step (default: the run's).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    client_mode: Annotated[
+        bool, typer.Option("--client-mode", help="Accept no connections (behind NAT or a firewall).")
+    ] = False,
+    host_maddrs: HostMaddrsOpt = None,
+    announce_maddrs: AnnounceMaddrsOpt = None,
+    compression: Annotated[
+        str | None,
+        typer.Option(
+            "--compression",
+            help="What this peer sends when averaging: none, fp16 or 8bit (default: the run's).",
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Leave after this many local steps.")] = None,
+    minutes: Annotated[float | None, typer.Option(help="Leave after training this long.")] = None,
+    name: Annotated[str, typer.Option("--name", help="How `status` shows you.")] = "",
+    preset_name: Annotated[
+        str | None, typer.Option("--preset", help="Expect this preset (an error if the run trains another).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir", help="Where to keep the run's tokenizers (default ~/.cache/dalle-together/RUN)."
+        ),
+    ] = None,
+    report_every: Annotated[
+        float, typer.Option("--report-every", help="Seconds between progress lines and metrics updates.")
+    ] = 10.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Volunteer: download the run's model and train it together with everybody else."""
+    import os
+
+    import torch
+
+    from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS
+    from dalle_together.swarm.optimizer import averaging_compression
+    from dalle_together.swarm.volunteer import VolunteerOptions, run_volunteer
+
+    _swarm_peer_setup(verbose)
+    run_id = _check_run_id(run_id)
+    _time_limit_options(steps, minutes)
+    _check_device(device)
+    if compression is not None:
+        averaging_compression(compression, 1)  # an unknown name is a UserError naming the choices
+    if threads is not None:
+        if threads <= 0:
+            raise UserError("--threads must be positive")
+        torch.set_num_threads(threads)
+    if report_every <= 0:
+        raise UserError("--report-every must be positive")
+    if len(name) > 64:
+        raise UserError("--name is limited to 64 characters")
+    if cache_dir is None:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        cache_dir = base / "dalle-together" / run_id
+    options = VolunteerOptions(
+        run_id=run_id,
+        initial_peers=tuple(initial_peers),
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        preset_name=preset_name,
+        compression=compression,
+        device=device,
+        client_mode=client_mode,
+        host_maddrs=tuple(host_maddrs or DEFAULT_HOST_MADDRS),
+        announce_maddrs=tuple(announce_maddrs or ()),
+        name=name,
+        steps=steps,
+        minutes=minutes,
+        report_every_s=report_every,
+        verbose=verbose,
+    )
+
+    with _Shutdown() as shutdown:
+
+        def on_joined(j) -> None:
+            _say(
+                f"joined run {run_id!r} ({j.cfg.preset}) at epoch {j.epoch} as {j.peer_id}: "
+                f"{j.batch_size} samples per step towards {j.cfg.optim.target_batch_size} per epoch"
+            )
+            shutdown.interruptible = False
+
+        def on_progress(p) -> None:
+            _say(
+                f"epoch {p.epoch} | local {p.local_samples_per_second:.1f} samples/s | "
+                f"swarm {p.swarm_samples_per_second:.1f} samples/s | {p.peers} peers | "
+                f"loss {_fmt_loss(p.loss)} | contributed {p.samples_total} samples"
+            )
+
+        result = run_volunteer(options, stop=shutdown.event, on_joined=on_joined, on_progress=on_progress)
+    _say(
+        f"left run {run_id!r} at epoch {result.final_epoch} after {result.steps} steps "
+        f"({result.samples_total} samples contributed)"
+    )
+
+
+@app.command()
+def status(
+    initial_peers: InitialPeersOpt,
+    run_id: RunIdOpt,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the run's definition.")
+    ] = 10.0,
+) -> None:
+    """Show a run as the swarm sees it: epoch, throughput, and every peer's contribution."""
+    from dalle_together.swarm.status import query_status
+
+    _swarm_logging(verbose=False)
+    logging.getLogger("dalle_together").setLevel(logging.WARNING)
+    report = query_status(initial_peers=initial_peers, run_id=_check_run_id(run_id), timeout_s=timeout)
+    summary = report.as_dict()
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print(
+        f"run {summary['run_id']} ({summary['preset']}): epoch {summary['epoch']}, "
+        f"{summary['samples_per_second']:.1f} samples/s, {summary['alive_peers']} peers, "
+        f"{summary['samples_accumulated']}/{summary['target_batch_size']} samples towards the next epoch, "
+        f"loss {_fmt_loss(summary['loss'])}"
+    )
+    table = Table()
+    for column in ("peer", "name", "device", "epoch", "samples", "samples/s", "loss"):
+        table.add_column(
+            column, justify="right" if column in ("epoch", "samples", "samples/s", "loss") else "left"
+        )
+    for p in summary["peers"]:
+        table.add_row(
+            p["peer_id"],
+            p["name"],
+            p["device"],
+            str(p["epoch"]),
+            str(p["samples_total"]),
+            f"{p['samples_per_second']:.1f}",
+            _fmt_loss(p["loss"]),
+        )
+    Console(width=200).print(table)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.argv[1:] = _expand_multi_value_options(sys.argv[1:])
     try:
         app()
     except UserError as e:

@@ -89,7 +89,7 @@ class VQConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class TextConfig:
-    """The text tokenizer: byte-level BPE trained on the data set's captions."""
+    """The text tokenizer: character-level BPE (word starts marked with ▁) trained on the captions."""
 
     vocab_size: int = 128
     """Largest vocabulary of the BPE trainer (the trained one may be smaller on tiny corpora)."""

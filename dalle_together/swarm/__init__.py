@@ -7,9 +7,12 @@
 - :mod:`.metrics`: each peer's metrics, and the run's status summarised from them.
 - :mod:`.optimizer`: hivemind.Optimizer configured from a RunConfig.
 - :mod:`.checkpointer`: the coordinator's auxiliary peer that saves the swarm's state.
+- :mod:`.coordinator`, :mod:`.volunteer`, :mod:`.status`: what ``dalle-together coordinator``,
+  ``join`` and ``status`` run (the CLI only parses options and prints).
 """
 
 from dalle_together.swarm.checkpointer import SwarmCheckpointer
+from dalle_together.swarm.coordinator import CoordinatorOptions, run_coordinator
 from dalle_together.swarm.definition import (
     RunDefinition,
     TokenizerFile,
@@ -29,22 +32,30 @@ from dalle_together.swarm.metrics import (
 )
 from dalle_together.swarm.optimizer import make_swarm_optimizer
 from dalle_together.swarm.records import run_validators
+from dalle_together.swarm.status import RunReport, query_status
+from dalle_together.swarm.volunteer import VolunteerOptions, run_volunteer
 
 __all__ = [
+    "CoordinatorOptions",
     "PeerMetrics",
     "RunDefinition",
+    "RunReport",
     "RunStatus",
     "SwarmCheckpointer",
     "TokenizerFile",
+    "VolunteerOptions",
     "check_compatible",
     "download_files",
     "fetch_definition",
     "make_swarm_optimizer",
     "publish_definition",
     "publish_metrics",
+    "query_status",
     "read_metrics",
     "read_status",
+    "run_coordinator",
     "run_validators",
+    "run_volunteer",
     "start_dht",
     "visible_maddrs",
     "withdraw_metrics",

@@ -36,6 +36,7 @@ class SwarmCheckpointer:
     :param model: a freshly built model of the run (its weights are overwritten by downloads).
     :param save: called as ``save(model, epoch, optimizer_state)`` after each download.
     :param every_epochs: default ``cfg.swarm.checkpoint_every_epochs``.
+    :param load_state_timeout_s: give up on a peer that has not sent its state within this time.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class SwarmCheckpointer:
         cfg: RunConfig,
         save: SaveFn,
         every_epochs: int | None = None,
+        load_state_timeout_s: float = 600.0,
     ) -> None:
         self.model, self.save = model, save
         self.every_epochs = every_epochs if every_epochs is not None else cfg.swarm.checkpoint_every_epochs
@@ -60,6 +62,7 @@ class SwarmCheckpointer:
             batch_size_per_step=None,
             client_mode=False,
             auxiliary=True,
+            load_state_timeout_s=load_state_timeout_s,
         )
         # hivemind's auxiliary peers don't share state by default; this one holds the last checkpoint
         self.optimizer.state_averager.allow_state_sharing = True

@@ -40,8 +40,11 @@ from dalle_together.swarm.records import FILE_NAME_REGEX, DefinitionRecord, File
 logger = get_logger(__name__)
 
 CHUNK_BYTES = 1 << 20
-PEER_LOCAL_OPTIONS = frozenset({"optim.batch_size", "swarm.offload_optimizer"})
-"""Options a volunteer may set for itself; every other option must match the run's definition."""
+PEER_LOCAL_OPTIONS = frozenset({"optim.batch_size", "swarm.offload_optimizer", "swarm.compression"})
+"""Options a volunteer may set for itself; every other option must match the run's definition.
+
+Compression is per sender: hivemind tags every tensor it sends with its codec, so a volunteer on a
+slow link may send 8-bit while the others send fp16."""
 
 
 @dataclass(frozen=True, kw_only=True)

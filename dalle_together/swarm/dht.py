@@ -8,8 +8,11 @@ for it, so several peers can share one process (tests) without overwriting each 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
 import os
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -175,3 +178,52 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
                 rank = 2 if ip.is_loopback else (1 if ip.is_private or ip.is_link_local else 0)
         out.append((rank, text))
     return [text for _, text in sorted(set(out))]
+
+
+def configure_hivemind_logging(*, verbose: bool) -> None:
+    """Send hivemind's log records through the application's handlers: warnings, or all if ``verbose``.
+
+    hivemind installs its own stderr handler at import; a volunteer should see one format.
+    """
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
+    logging.getLogger("hivemind").setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_without_hivemind_tracebacks)
+        # hivemind steps the schedule once while creating the optimizer's state, before any step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+
+
+def _without_hivemind_tracebacks(record: logging.LogRecord) -> bool:
+    """hivemind logs recoverable failures (a peer that vanished mid-download) with their traceback;
+    a volunteer needs the one line that says what happened, not the stack."""
+    if record.name.startswith("hivemind") and record.exc_info:
+        error, message = record.exc_info[1], record.getMessage()
+        record.msg = message if str(error) in message else f"{message} ({type(error).__name__}: {error})"
+        record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
+_DETACHED = False
+
+
+def detach_children_from_terminal_signals() -> None:
+    """Put every process this one forks from now on (hivemind's DHT and averager processes, and the
+    p2p daemon the DHT process starts) in a process group of its own.
+
+    A terminal's Ctrl-C goes to its whole foreground process group: the p2p daemon would die at once
+    and the peer could neither say goodbye nor shut its averagers down without tracebacks. Detached,
+    only the main process gets the signal, and it stops its children in order. Call it once, early,
+    in a long-running peer's main process (not in a test process: its children then outlive it).
+    """
+    global _DETACHED
+    if not _DETACHED and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_own_process_group)
+        _DETACHED = True
+
+
+def _own_process_group() -> None:
+    with contextlib.suppress(OSError):  # already a group or session leader
+        os.setpgid(0, 0)

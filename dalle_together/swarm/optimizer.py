@@ -14,12 +14,19 @@ Constraints of hivemind 1.1.12, checked here so they fail at start-up with a sen
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any, Literal
 
 import hivemind
 import torch
+from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.compression import (
     CompressionBase,
     Float16Compression,
@@ -28,8 +35,9 @@ from hivemind.compression import (
     Uniform8BitQuantization,
 )
 from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.progress_tracker import ProgressTracker
 
-from dalle_together.config import OptimConfig, RunConfig
+from dalle_together.config import OptimConfig, RunConfig, SwarmConfig
 from dalle_together.errors import UserError
 from dalle_together.optim import build_optimizer, lr_multiplier
 from dalle_together.swarm.dht import signing_key
@@ -42,6 +50,126 @@ AVERAGE_STATE_EVERY = 5
 Gradient averaging alone keeps peers identical only while every peer joins every round without
 lossy compression; state averaging pulls back peers that missed a round or drifted through
 8-bit/fp16 rounding. Every 5 epochs costs 1/5 of the bandwidth of doing it every epoch."""
+
+
+PROGRESS_REPORT_INTERVAL_S = 2.0
+"""Publish this peer's progress towards the next epoch at most this often (and at once on a new epoch)."""
+
+
+GROUP_QUERY_INTERVAL_S = 0.25
+"""While looking for an averaging group, query the DHT for candidates at most this often."""
+
+
+def _pace_group_queries() -> None:
+    """Make every averager forked from this process query for averaging partners at most every
+    :data:`GROUP_QUERY_INTERVAL_S` seconds.
+
+    In hivemind 1.1.12 a peer looking for a group asks the DHT for candidates again as soon as the
+    previous answer arrives: 50-80 queries a second during each matchmaking window, each one a
+    round trip through the averager's and the DHT's processes. On a 2-core machine shared by two
+    volunteers that was a tenth of a core per volunteer; a quarter of a second between queries is
+    nothing against a matchmaking window of seconds. Idempotent; affects this process and the
+    averager processes it starts afterwards.
+    """
+    if getattr(GroupKeyManager.get_averagers, "_paced", False):
+        return
+    original = GroupKeyManager.get_averagers
+
+    async def get_averagers(self: GroupKeyManager, group_key: str, only_active: bool):
+        wait_s = getattr(self, "_last_query_time", -math.inf) + GROUP_QUERY_INTERVAL_S - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        self._last_query_time = time.monotonic()
+        return await original(self, group_key, only_active)
+
+    get_averagers._paced = True
+    GroupKeyManager.get_averagers = get_averagers
+
+
+class ThrottledProgressTracker(ProgressTracker):
+    """hivemind's progress tracker, publishing at most every ``report_interval_s`` within an epoch.
+
+    hivemind 1.1.12 publishes a peer's progress after every local step; a volunteer on a CPU takes
+    several steps a second, and each publication is a signed, validated DHT store on the peer and on
+    the peers that keep the record: on a 2-core machine that cost a quarter of a core per volunteer.
+    Two seconds' delay in counting samples is noise against epochs of many seconds (and hivemind
+    extrapolates every peer's count from its reported speed); a new epoch is
+    still published at once, so the others learn about it without delay.
+
+    With epochs of a second or two (the 5-minute demo) the delay shows: right after an epoch starts
+    the others extrapolate from a stale report, and each of two volunteers accumulated about the
+    whole target batch by itself (1.8x the target per epoch; every sample is still averaged into
+    the step). Reporting every 0.25 s brought that to 1.0x but halved the two volunteers' training
+    throughput on a 2-core machine (each report is a signed DHT store, validated on every replica),
+    so the demo keeps the cheap reports and says how many samples each step took.
+    """
+
+    def __init__(self, *args, report_interval_s: float = PROGRESS_REPORT_INTERVAL_S, **kwargs) -> None:
+        self.report_interval_s = report_interval_s
+        self._last_report_time, self._last_report_epoch = -math.inf, None
+        super().__init__(*args, **kwargs)
+
+    def report_local_progress(
+        self, local_epoch: int, samples_accumulated: int, update_global_samples: bool = True
+    ) -> None:
+        # hivemind 1.1.12's method, except that it wakes the reporter only when a report is due
+        extra_samples = samples_accumulated - self.local_progress.samples_accumulated
+        if update_global_samples and local_epoch == self.local_progress.epoch == self.global_progress.epoch:
+            self.global_progress.samples_accumulated += extra_samples
+        if extra_samples > 0:
+            self.performance_ema.update(task_size=extra_samples)
+        else:
+            self.performance_ema.reset_timer()
+        self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
+        now = time.monotonic()
+        if local_epoch != self._last_report_epoch or now - self._last_report_time >= self.report_interval_s:
+            self._last_report_time, self._last_report_epoch = now, local_epoch
+            self.should_report_progress.set()
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """``hivemind.Optimizer`` that spends less of a small machine on coordination.
+
+    - progress is published at most once a second (:class:`ThrottledProgressTracker`);
+    - a peer that is alone in the swarm does not look for averaging partners: hivemind 1.1.12
+      pre-schedules matchmaking before every epoch regardless, and a peer looking for a group
+      queries the DHT many times a second (through its DHT process) until it gives up, only to
+      cancel the round at the epoch's end because there is nobody to average with.
+    """
+
+    def __init__(self, *, progress_report_interval_s: float = PROGRESS_REPORT_INTERVAL_S, **kwargs) -> None:
+        self._progress_report_interval_s = progress_report_interval_s
+        super().__init__(**kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> ProgressTracker:
+        return ThrottledProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            report_interval_s=self._progress_report_interval_s,
+            **kwargs,
+        )
+
+    def _alone(self) -> bool:
+        return self.tracker.global_progress.num_peers <= 1
+
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        if not self._alone():
+            super()._maybe_schedule_gradient_averaging()
+
+    def _maybe_schedule_state_averaging(self) -> None:
+        if not self._alone():
+            super()._maybe_schedule_state_averaging()
+
+
+def progress_refresh_period(swarm: SwarmConfig) -> float:
+    """Shortest wait between two reads of the swarm's progress: a fifth of the matchmaking window,
+    hivemind's 0.5 s at most. Short matchmaking means short epochs, where the overshoot past the
+    target batch, about this period times the swarm's samples/s, would be a large fraction."""
+    return min(0.5, max(0.1, swarm.matchmaking_time_s / 5))
 
 
 def averaging_compression(kind: Compression, threshold: int) -> CompressionBase:
@@ -135,36 +263,62 @@ def make_swarm_optimizer(
     averaging = averaging_compression(kind, swarm.size_adaptive_threshold)
     params = list(param_groups) if param_groups is not None else default_param_groups(model, cfg.optim)
 
-    return hivemind.Optimizer(
-        dht=dht,
-        run_id=run_id,
-        target_batch_size=cfg.optim.target_batch_size,
-        batch_size_per_step=batch_size_per_step,
-        params=params,
-        optimizer=partial(build_optimizer, cfg=cfg.optim),
-        scheduler=partial(_make_scheduler, cfg=cfg.optim),
-        matchmaking_time=swarm.matchmaking_time_s,
-        averaging_timeout=swarm.averaging_timeout_s,
-        allreduce_timeout=swarm.allreduce_timeout_s,
-        load_state_timeout=load_state_timeout_s,
-        offload_optimizer=offload,
-        delay_optimizer_step=delay_step,
-        delay_grad_averaging=delay_grads,
-        average_state_every=average_state_every,
-        client_mode=client_mode,
-        auxiliary=auxiliary,
-        grad_compression=averaging,
-        state_averaging_compression=averaging,
-        load_state_compression=state_download_compression(kind),
-        # one key signs all of this peer's records, so peers sharing a process stay distinct
-        tracker_opts=dict(private_key=signing_key(dht)),
-        # hivemind warns (and may deadlock) when a request may outlive the matchmaking window;
-        # 1.1.12 forwards averager_opts to the state averager only, so the gradient averager's
-        # timeout goes through its factory
-        averager_opts=dict(request_timeout=request_timeout),
-        grad_averager_factory=partial(GradientAverager, request_timeout=request_timeout),
-        verbose=verbose,
-    )
+    _pace_group_queries()
+    with _keeping_sigint_handler():
+        return SwarmOptimizer(
+            dht=dht,
+            run_id=run_id,
+            target_batch_size=cfg.optim.target_batch_size,
+            batch_size_per_step=batch_size_per_step,
+            params=params,
+            optimizer=partial(build_optimizer, cfg=cfg.optim),
+            scheduler=partial(_make_scheduler, cfg=cfg.optim),
+            matchmaking_time=swarm.matchmaking_time_s,
+            averaging_timeout=swarm.averaging_timeout_s,
+            allreduce_timeout=swarm.allreduce_timeout_s,
+            load_state_timeout=load_state_timeout_s,
+            offload_optimizer=offload,
+            delay_optimizer_step=delay_step,
+            delay_grad_averaging=delay_grads,
+            average_state_every=average_state_every,
+            client_mode=client_mode,
+            auxiliary=auxiliary,
+            grad_compression=averaging,
+            state_averaging_compression=averaging,
+            load_state_compression=state_download_compression(kind),
+            # one key signs all of this peer's records, so peers sharing a process stay distinct
+            # hivemind reads the swarm's progress at most every 0.5 s by default: with epochs of a
+            # second (a small run on fast links) each peer overshoots the target by half an epoch's
+            # samples, which are averaged in but add nothing to the optimizer's step count
+            tracker_opts=dict(
+                private_key=signing_key(dht), min_refresh_period=progress_refresh_period(swarm)
+            ),
+            # hivemind warns (and may deadlock) when a request may outlive the matchmaking window;
+            # 1.1.12 forwards averager_opts to the state averager only, so the gradient averager's
+            # timeout goes through its factory. The gradient averager shares no state: joiners reset the
+            # gradients they would download, and a sharing averager re-declares itself in the DHT after
+            # every tensor of every all-reduce (dozens of signed stores per epoch)
+            averager_opts=dict(request_timeout=request_timeout),
+            grad_averager_factory=partial(
+                GradientAverager, request_timeout=request_timeout, allow_state_sharing=False
+            ),
+            verbose=verbose,
+        )
+
+
+@contextlib.contextmanager
+def _keeping_sigint_handler() -> Iterator[None]:
+    """hivemind 1.1.12's averagers set SIGINT to "ignore" in the process that starts them (so their
+    children ignore a terminal's Ctrl-C) and never restore it: restore it, or Ctrl-C stops working."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def apply_pending_updates(optimizer: hivemind.Optimizer) -> None:

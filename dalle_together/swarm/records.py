@@ -18,11 +18,14 @@ with strict field types (a record that needs any type conversion is rejected).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pydantic.v1 as pydantic
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import RecordValidatorBase
+
+from dalle_together.errors import UserError
 
 FILE_NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A served file's name: a plain file name, never a path (joiners write it into their cache)."""
@@ -91,3 +94,16 @@ class _RunSchema(pydantic.BaseModel):
 def run_validators(run_id: str) -> list[RecordValidatorBase]:
     """Validators for run ``run_id``'s records; every peer's DHT should be started with them."""
     return [SchemaValidator(_RunSchema, allow_extra_keys=True, prefix=run_id)]
+
+
+RUN_ID_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is usable as a DHT key prefix and a directory name, else a :class:`UserError`."""
+    if not re.match(RUN_ID_REGEX, run_id):
+        raise UserError(
+            f"run id {run_id!r} is not valid: use up to 64 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit"
+        )
+    return run_id
