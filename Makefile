@@ -33,8 +33,9 @@ lint: setup
 	$(PY) -m ruff check dalle_together tests benchmarks
 	$(PY) -m ruff format --check dalle_together tests benchmarks
 
+# quick settings; `make bench FULL=1` for the settings of the tables in BENCHMARKS.md
 bench: setup
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(if $(FULL),--full,)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

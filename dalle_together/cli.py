@@ -394,6 +394,13 @@ def coordinator(
         float | None,
         typer.Option("--matchmaking-time", help="Seconds peers spend forming an averaging group."),
     ] = None,
+    average_state_every: Annotated[
+        int | None,
+        typer.Option(
+            "--average-state-every",
+            help="Average parameters and optimizer state every N epochs (default: the preset's).",
+        ),
+    ] = None,
     checkpoint_every_epochs: Annotated[
         int | None, typer.Option("--checkpoint-every-epochs", help="Save the swarm's state every K epochs.")
     ] = None,
@@ -433,6 +440,7 @@ def coordinator(
             "optim.total_steps": total_steps,
             "optim.lr": lr,
             "swarm.matchmaking_time_s": matchmaking_time,
+            "swarm.average_state_every": average_state_every,
             "swarm.checkpoint_every_epochs": checkpoint_every_epochs,
             "swarm.keep_checkpoints": keep_checkpoints,
         },

@@ -197,6 +197,8 @@ class SwarmConfig:
     delay_optimizer_step: bool = True
     delay_grad_averaging: bool = True
     offload_optimizer: bool = True
+    average_state_every: int = 5
+    """Average parameters and optimizer state every this many epochs (see swarm.optimizer)."""
     checkpoint_every_epochs: int = 2
     """The coordinator's auxiliary peer fetches and saves the state every K epochs."""
     keep_checkpoints: int = 3

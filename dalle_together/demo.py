@@ -180,6 +180,9 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=30, help="learning-rate warm-up, in epochs")
     parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds to form a group")
     parser.add_argument("--checkpoint-every-epochs", type=int, default=100)
+    parser.add_argument(
+        "--average-state-every", type=int, default=5, help="epochs between parameter/state averaging"
+    )
     args = parser.parse_args()
 
     # A 5-minute demo wants many optimizer steps: a global batch of 128 (an epoch every ~1.5 s),
@@ -209,6 +212,7 @@ def main() -> None:
                 "--lr", str(args.lr),
                 "--matchmaking-time", str(args.matchmaking_time),
                 "--checkpoint-every-epochs", str(args.checkpoint_every_epochs),
+                "--average-state-every", str(args.average_state_every),
                 "--tokenizer-minutes", str(args.tokenizer_minutes),
                 "--status-every", "20",
             ],

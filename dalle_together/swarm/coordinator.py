@@ -170,6 +170,8 @@ def check_swarm_options(cfg: RunConfig) -> None:
     """Values that would make the collaboration misbehave, as one sentence each."""
     if cfg.optim.target_batch_size <= 0:
         raise UserError("--target-batch-size must be positive")
+    if cfg.swarm.average_state_every < 1:
+        raise UserError("--average-state-every must be at least 1")
     if cfg.swarm.checkpoint_every_epochs < 1:
         raise UserError("--checkpoint-every-epochs must be at least 1")
     if cfg.swarm.keep_checkpoints < 1:

@@ -44,12 +44,13 @@ from dalle_together.swarm.dht import signing_key
 
 Compression = Literal["none", "fp16", "8bit"]
 
-AVERAGE_STATE_EVERY = 5
-"""Average parameters and optimizer state with peers every this many epochs.
-
-Gradient averaging alone keeps peers identical only while every peer joins every round without
-lossy compression; state averaging pulls back peers that missed a round or drifted through
-8-bit/fp16 rounding. Every 5 epochs costs 1/5 of the bandwidth of doing it every epoch."""
+# Why state averaging at all (``SwarmConfig.average_state_every``): gradient averaging alone keeps
+# peers identical only while every peer joins every round without lossy compression; state
+# averaging pulls back peers that missed a round or drifted through 8-bit/fp16 rounding. Every 5
+# epochs costs 1/5 of the bandwidth of doing it every epoch. On a loaded 2-core machine with epochs
+# of 1-2 s (the 5-minute demo) some gradient and state rounds end half-done ("Reducer: received
+# 50% of input tensors": each peer got only its own half back); frequent state averaging is what
+# pulls the peers back together afterwards, so keep it frequent where epochs are short.
 
 
 PROGRESS_REPORT_INTERVAL_S = 2.0
@@ -217,7 +218,7 @@ def make_swarm_optimizer(
     auxiliary: bool = False,
     compression: Compression | None = None,
     param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor] | None = None,
-    average_state_every: int = AVERAGE_STATE_EVERY,
+    average_state_every: int | None = None,
     load_state_timeout_s: float = 600.0,
     verbose: bool = False,
 ) -> hivemind.Optimizer:
@@ -251,6 +252,8 @@ def make_swarm_optimizer(
         raise UserError(
             "delay_optimizer_step needs offload_optimizer (the delayed step runs on offloaded copies)"
         )
+    if average_state_every is None:
+        average_state_every = swarm.average_state_every
     if average_state_every < 1:
         raise ValueError("average_state_every must be at least 1")
     if client_mode != dht.client_mode:
