@@ -1,0 +1,396 @@
+"""All-reduce of a model-sized set of tensors across N peers on capped links, against the bound.
+
+    python -m benchmarks.bench_averaging [--quick | --full] [--json F] [--markdown F] [--plot F.png]
+
+Each peer is a process in its own testbed host (network namespace, link capped with tbf both ways,
+100 Mbit/s by default), with its own DHT (all bootstrap from peer 0) and one hivemind
+``DecentralizedAverager``: the all-reduce that ``hivemind.Optimizer`` runs for dalle-together,
+with the compression ``dalle_together.swarm.optimizer.averaging_compression`` builds (``8bit``:
+8-bit uniform quantisation of tensors from ``size_adaptive_threshold`` elements, fp16 below).
+
+The tensors are shaped like a transformer's (per layer of width 1024: qkv, output, MLP matrices,
+biases, layer norms): 2 layers = 25.2M parameters, 8 layers = 100.7M; each peer's values are
+independent standard normals (like gradients of different batches).
+
+What is timed: matchmaking is done first and excluded (each peer calls ``step(require_trigger=
+True)`` and waits until its group is assembled); then every peer allows the all-reduce at the same
+wall-clock instant, and the round's time is the time from that instant until the *last* peer has
+its averaged tensors in place: compression, transfer, reduction, decompression and the update,
+everything a training step waits for. Bytes are the frames each peer's interface sent during that
+time (TCP/IP and Ethernet headers, libp2p framing and protobuf included). Rounds are repeated and
+the median is reported; the numerical error is ``||average - exact mean|| / ||exact mean||`` of
+peer 0's result after the first round.
+
+Bounds: ``S`` is the compressed size of one peer's tensors, ``B`` the link's rate in bytes/s; a
+bandwidth-optimal all-reduce (reduce-scatter then all-gather) sends ``2 (N-1)/N * S`` bytes per peer
+and takes ``2 (N-1)/N * S / B``. One TCP stream carries at most ~95% of a link's rate as payload
+(headers), so even perfect overlap gives time/bound ≈ 1.05.
+
+Peers run with one torch/OMP thread each and ``QUANTIZATION_THREADS`` (hivemind's quantisation
+thread pool, 128 by default) set by ``--quantization-threads``. Needs root (network namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WIDTH = 1024
+SIZES = {"25M": 2, "100M": 8}
+"""Model size name -> number of transformer layers of width :data:`WIDTH`."""
+COMPRESSIONS = ("none", "fp16", "8bit")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def layer_shapes(width: int) -> list[tuple[int, ...]]:
+    """The parameter shapes of one transformer layer: attention (qkv, output), MLP (4x), 2 norms."""
+    return [
+        (3 * width, width), (3 * width,), (width, width), (width,),  # attention
+        (4 * width, width), (4 * width,), (width, 4 * width), (width,),  # MLP
+        (width,), (width,), (width,), (width,),  # two layer norms: weight, bias
+    ]  # fmt: skip
+
+
+def model_shapes(size: str) -> list[tuple[int, ...]]:
+    return layer_shapes(WIDTH) * SIZES[size]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def compressed_bytes(size: str, compression: str, threshold: int) -> int:
+    """S: bytes of one peer's tensors after compression (what hivemind sizes its parts by)."""
+    total = 0
+    for shape in model_shapes(size):
+        n = numel(shape)
+        bytes_per_value = {"none": 4, "fp16": 2, "8bit": 1 if n >= threshold else 2}[compression]
+        total += n * bytes_per_value
+    return total
+
+
+# --- one peer (runs inside a testbed host) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    index: int
+    num_peers: int
+    size: str
+    compression: str
+    address: str
+    initial_peer: str | None
+    part_size_bytes: int
+    threshold: int
+
+
+def peer_tensor(spec: PeerSpec, peer: int, k: int, shape: tuple[int, ...]):
+    """Tensor ``k`` of peer ``peer``: standard normals from a seed only they determine, so that any
+    peer can regenerate any other's (for the exact mean) without receiving it."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1_000_003 * peer + k)
+    return torch.randn(shape, generator=generator)
+
+
+def run_peer(spec: PeerSpec) -> None:
+    """A benchmark peer: commands on stdin (``step``, ``go <unix time>``, ``error``, ``quit``), one
+    JSON line per answer on stdout."""
+    import hivemind
+    import torch
+    from hivemind.averaging.control import AveragingStage
+
+    from dalle_together.swarm.optimizer import averaging_compression
+
+    torch.set_num_threads(1)
+    shapes = model_shapes(spec.size)
+    tensors = [peer_tensor(spec, spec.index, k, s) for k, s in enumerate(shapes)]
+    dht = hivemind.DHT(
+        start=True,
+        host_maddrs=[f"/ip4/{spec.address}/tcp/0"],
+        initial_peers=[spec.initial_peer] if spec.initial_peer else [],
+    )
+    averager = hivemind.averaging.DecentralizedAverager(
+        tensors,
+        dht,
+        start=True,
+        prefix="bench_averaging",
+        target_group_size=spec.num_peers,
+        min_group_size=spec.num_peers,
+        min_matchmaking_time=2.0,
+        request_timeout=3.0,
+        compression=averaging_compression(spec.compression, spec.threshold),
+        part_size_bytes=spec.part_size_bytes,
+        allreduce_timeout=600.0,
+    )
+
+    def say(**message: Any) -> None:
+        print(json.dumps(message), flush=True)
+
+    say(address=str(dht.get_visible_maddrs()[0]))
+    control = None
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "step":  # reset this peer's values, then assemble the group and wait
+            with averager.get_tensors() as local:
+                for k, (tensor, shape) in enumerate(zip(local, shapes, strict=True)):
+                    tensor.copy_(peer_tensor(spec, spec.index, k, shape))
+            control = averager.step(wait=False, require_trigger=True, timeout=120.0)
+            while control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP):
+                time.sleep(0.01)
+            say(ready=control.stage == AveragingStage.AWAITING_TRIGGER)
+        elif command == "go":  # all-reduce from the given instant
+            start = float(args[0])
+            time.sleep(max(start - time.time(), 0.0))
+            control.allow_allreduce()
+            control.result(timeout=600.0)
+            say(seconds=time.time() - start)
+        elif command == "error":
+            say(relative_error=relative_error(spec, averager, shapes))
+        elif command == "quit":
+            break
+    averager.shutdown()
+    dht.shutdown()
+
+
+def relative_error(spec: PeerSpec, averager, shapes: list[tuple[int, ...]]) -> float:
+    """``||averaged - exact mean|| / ||exact mean||`` over all tensors of this peer."""
+    error_sq = norm_sq = 0.0
+    with averager.get_tensors() as local:
+        for k, shape in enumerate(shapes):
+            exact = sum(peer_tensor(spec, p, k, shape) for p in range(spec.num_peers)) / spec.num_peers
+            error_sq += float((local[k] - exact).pow(2).sum())
+            norm_sq += float(exact.pow(2).sum())
+    return (error_sq / norm_sq) ** 0.5
+
+
+# --- the orchestrator ---------------------------------------------------------------------------
+
+
+class PeerProcess:
+    """A benchmark peer running in a testbed host, answering one JSON line per command."""
+
+    def __init__(self, host, spec: PeerSpec, log: Path, quantization_threads: int) -> None:
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "QUANTIZATION_THREADS": str(quantization_threads),
+            "PYTHONWARNINGS": "ignore",
+        }
+        self.log = log
+        self.proc = host.popen(
+            [sys.executable, "-m", "benchmarks.bench_averaging", "--peer", json.dumps(asdict(spec))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, bufsize=1,
+            env=env, cwd=REPO_ROOT,
+        )  # fmt: skip
+        self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.answers.put(json.loads(line))
+        self.answers.put(None)
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            message = self.answers.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no answer from a peer in {timeout_s} s; see {self.log}") from None
+        if message is None:
+            raise RuntimeError(f"a peer exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
+        return message
+
+
+def measure(
+    tb, *, size: str, compression: str, rounds: int, rate_mbit: float, part_size_bytes: int,
+    threshold: int, quantization_threads: int, logs: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """One setting: start the peers, run ``rounds`` timed all-reduces, stop the peers."""
+    n = len(tb.hosts)
+    peers: list[PeerProcess] = []
+    try:
+        initial_peer = None
+        for i, host in enumerate(tb.hosts):
+            spec = PeerSpec(i, n, size, compression, host.address, initial_peer, part_size_bytes, threshold)
+            peers.append(
+                PeerProcess(host, spec, logs / f"{size}-{compression}-n{n}-p{i}.log", quantization_threads)
+            )
+            if i == 0:  # the others bootstrap from peer 0
+                initial_peer = peers[0].answer(timeout_s=180)["address"]
+        for peer in peers[1:]:
+            peer.answer(timeout_s=180)
+        times, sent, cpu, error = [], [], [], None
+        for r in range(rounds):
+            for peer in peers:
+                peer.send("step")
+            if not all(peer.answer(timeout_s=180)["ready"] for peer in peers):
+                raise RuntimeError("matchmaking failed")
+            before = [tb.tx_bytes(i) for i in range(n)]
+            cpu_before = sum(tb.cpu_seconds(i) for i in range(n))
+            start = time.time() + 0.3
+            for peer in peers:
+                peer.send(f"go {start}")
+            answers = [peer.answer(timeout_s=900) for peer in peers]
+            after = [tb.tx_bytes(i) for i in range(n)]
+            cpu.append(sum(tb.cpu_seconds(i) for i in range(n)) - cpu_before)
+            times.append(max(a["seconds"] for a in answers))
+            sent.append(statistics.mean(a - b for a, b in zip(after, before, strict=True)))
+            if r == 0:
+                peers[0].send("error")
+                error = peers[0].answer(timeout_s=900)["relative_error"]
+        for peer in peers:
+            peer.send("quit")
+        for peer in peers:
+            peer.proc.wait(60)
+    finally:
+        for peer in peers:
+            if peer.proc.poll() is None:
+                peer.proc.kill()
+    s_bytes = compressed_bytes(size, compression, threshold)
+    bound_bytes = 2 * (n - 1) / n * s_bytes
+    bound_s = bound_bytes / (rate_mbit * 1e6 / 8)
+    seconds = statistics.median(times)
+    return {
+        "size": size,
+        "params": sum(numel(s) for s in model_shapes(size)),
+        "compression": compression,
+        "peers": n,
+        "rate_mbit": rate_mbit,
+        "rounds": rounds,
+        "compressed_bytes": s_bytes,
+        "seconds": seconds,
+        "all_seconds": times,
+        "bound_seconds": bound_s,
+        "time_over_bound": seconds / bound_s,
+        "sent_bytes_per_peer": statistics.median(sent),
+        "bound_bytes_per_peer": bound_bytes,
+        "bytes_over_bound": statistics.median(sent) / bound_bytes,
+        "relative_error": error,
+        "cpu_seconds_all_peers": statistics.median(cpu),
+        "cpu_cores_busy": statistics.median(c / t for c, t in zip(cpu, times, strict=True)),
+    }
+
+
+def markdown(results: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        f"`{command}`",
+        "",
+        "| params | compression | peers | link Mbit/s | all-reduce s | bound s | time / bound "
+        "| sent MB/peer | bound MB | sent / bound | relative error | CPU cores busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['size']} | {r['compression']} | {r['peers']} | {r['rate_mbit']:g} | {r['seconds']:.2f} "
+            f"| {r['bound_seconds']:.2f} | **{r['time_over_bound']:.2f}** | {r['sent_bytes_per_peer'] / 1e6:.1f} "
+            f"| {r['bound_bytes_per_peer'] / 1e6:.1f} | {r['bytes_over_bound']:.3f} | {r['relative_error']:.1e} "
+            f"| {r['cpu_cores_busy']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["size"] for r in results}, key=lambda s: SIZES[s])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False, sharey=True)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        for compression in COMPRESSIONS:
+            points = sorted((r["peers"], r["time_over_bound"]) for r in results
+                            if r["size"] == size and r["compression"] == compression)  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=compression)
+        ax.axhline(1.0, color="gray", linestyle=":", label="bound")
+        ax.axhline(1.3, color="red", linestyle="--", linewidth=0.8, label="1.3 x bound")
+        ax.set(title=f"{size} parameters", xlabel="peers N", ylabel="all-reduce time / bound")
+        ax.set_xticks(sorted({r["peers"] for r in results}))
+        ax.legend()
+    fig.suptitle(f"All-reduce on {results[0]['rate_mbit']:g} Mbit/s links (median of rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run one peer from this JSON spec
+    setting = parser.add_mutually_exclusive_group()
+    setting.add_argument("--quick", action="store_true", help="25M parameters, N=2 and 4, 2 rounds (default)")
+    setting.add_argument("--full", action="store_true", help="25M and 100M, N=2, 4 and 8, 3 rounds")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES))
+    parser.add_argument("--peers", nargs="+", type=int)
+    parser.add_argument("--compressions", nargs="+", choices=COMPRESSIONS)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument("--part-size-bytes", type=int, default=2**19, help="hivemind's default: 512 KiB")
+    parser.add_argument("--quantization-threads", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path, default=Path("runs/bench/bench_averaging.md"))
+    parser.add_argument("--plot", type=Path, default=Path("runs/bench/bench_averaging.png"))
+    args = parser.parse_args()
+    if args.peer:
+        return run_peer(PeerSpec(**json.loads(args.peer)))
+
+    from benchmarks.testbed import Testbed, cleanup_stale, testbed_available
+    from dalle_together.config import SwarmConfig
+
+    available, reason = testbed_available()
+    if not available:
+        sys.exit(f"bench_averaging needs the network testbed: {reason}")
+    cleanup_stale()
+    sizes = args.sizes or (["25M", "100M"] if args.full else ["25M"])
+    peer_counts = args.peers or ([2, 4, 8] if args.full else [2, 4])
+    compressions = args.compressions or list(COMPRESSIONS)
+    rounds = args.rounds or (3 if args.full else 2)
+    threshold = SwarmConfig().size_adaptive_threshold
+    command = "python -m benchmarks.bench_averaging " + " ".join(sys.argv[1:])
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-averaging-") as logs:
+        for n in peer_counts:
+            with Testbed(n, rate_mbit=args.rate_mbit) as tb:
+                for size in sizes:
+                    for compression in compressions:
+                        result = measure(
+                            tb, size=size, compression=compression, rounds=rounds, rate_mbit=args.rate_mbit,
+                            part_size_bytes=args.part_size_bytes, threshold=threshold,
+                            quantization_threads=args.quantization_threads, logs=Path(logs),
+                        )  # fmt: skip
+                        results.append(result)
+                        print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}), flush=True)
+    table = markdown(results, command)
+    print(table)
+    for path in (args.markdown, args.plot, args.json):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(table)
+    plot(results, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
