@@ -31,6 +31,7 @@ from hivemind.compression import (
     CompressionBase,
     Float16Compression,
     NoCompression,
+    RoleAdaptiveCompression,
     SizeAdaptiveCompression,
     Uniform8BitQuantization,
 )
@@ -108,6 +109,7 @@ class ThrottledProgressTracker(ProgressTracker):
     def __init__(self, *args, report_interval_s: float = PROGRESS_REPORT_INTERVAL_S, **kwargs) -> None:
         self.report_interval_s = report_interval_s
         self._last_report_time, self._last_report_epoch = -math.inf, None
+        self._reported_samples = False
         super().__init__(*args, **kwargs)
 
     def report_local_progress(
@@ -123,7 +125,14 @@ class ThrottledProgressTracker(ProgressTracker):
             self.performance_ema.reset_timer()
         self.local_progress = self._get_local_progress(local_epoch, samples_accumulated)
         now = time.monotonic()
-        if local_epoch != self._last_report_epoch or now - self._last_report_time >= self.report_interval_s:
+        new_epoch = local_epoch != self._last_report_epoch
+        # hivemind's reporter stops publishing a peer whose reports showed no samples for a whole
+        # epoch (it takes it for an auxiliary peer): the first samples of every epoch go out at once
+        first_samples = samples_accumulated > 0 and not self._reported_samples
+        if new_epoch or first_samples or now - self._last_report_time >= self.report_interval_s:
+            if new_epoch:
+                self._reported_samples = False
+            self._reported_samples |= samples_accumulated > 0
             self._last_report_time, self._last_report_epoch = now, local_epoch
             self.should_report_progress.set()
 
@@ -186,10 +195,17 @@ def averaging_compression(kind: Compression, threshold: int) -> CompressionBase:
     raise UserError(f"unknown compression {kind!r}; choose none, fp16 or 8bit")
 
 
-def state_download_compression(kind: Compression) -> CompressionBase:
-    """Compression of the state a joiner downloads: never 8-bit (it would start with damaged weights
-    and optimizer moments), fp16 if averaging is lossy anyway."""
-    return NoCompression() if kind == "none" else Float16Compression()
+def state_averaging_compression(kind: Compression, threshold: int) -> CompressionBase:
+    """How parameters and optimizer statistics are compressed when peers average their state:
+    parameters like gradients, optimizer statistics not at all.
+
+    Adam's and LAMB's second moment is the running mean of squared gradients, ~1e-8 on the tiny
+    model: below fp16's smallest normal number (6e-5), so fp16 rounds it coarsely or to 0, and the
+    next update ``m / (sqrt(v) + eps)`` explodes (measured: 25x the learning rate rms, up to 16,832x
+    for single weights, after one fp16 round trip; 8-bit quantisation is worse). The cost is
+    8 bytes per parameter per state-averaging round, every ``average_state_every`` epochs.
+    """
+    return RoleAdaptiveCompression(parameter=averaging_compression(kind, threshold), default=NoCompression())
 
 
 def _make_scheduler(
@@ -287,8 +303,10 @@ def make_swarm_optimizer(
             client_mode=client_mode,
             auxiliary=auxiliary,
             grad_compression=averaging,
-            state_averaging_compression=averaging,
-            load_state_compression=state_download_compression(kind),
+            state_averaging_compression=state_averaging_compression(kind, swarm.size_adaptive_threshold),
+            # a joiner starts from exactly the state the others have: fp16 would damage the optimizer's
+            # second moments (see state_averaging_compression) and leave its weights a rounding apart
+            load_state_compression=NoCompression(),
             # one key signs all of this peer's records, so peers sharing a process stay distinct
             # hivemind reads the swarm's progress at most every 0.5 s by default: with epochs of a
             # second (a small run on fast links) each peer overshoots the target by half an epoch's

@@ -1,0 +1,504 @@
+"""Simulated-compute volunteers with real communication: how much of their time do they compute?
+
+    python -m benchmarks.bench_scaling [--quick | --full] [--json F] [--markdown F] [--plot F.png]
+
+Each volunteer is a process in its own testbed host (network namespace, link capped with tbf both
+ways) running the product's optimizer, ``dalle_together.swarm.optimizer.make_swarm_optimizer``:
+``hivemind.Optimizer`` with delayed optimizer steps and delayed gradient averaging, offloaded
+optimizer, 8-bit averaging compression, state averaging every few epochs: the production
+``SwarmConfig`` (15 s matchmaking), over a model-sized parameter set (a stack of square Linear
+layers: 25M parameters by default). Only the computation is simulated: a "local step" is a
+``time.sleep`` of ``base_step_s / speed`` (speeds cycle 1x, 2x, 4x: volunteers of very different
+machines), after which the gradients, fixed synthetic values set once, are handed to
+``optimizer.step()`` as after a real backward pass. Everything the optimizer does - accumulating
+gradients, matchmaking, the all-reduce of real-sized compressed tensors over the capped links,
+the offloaded AdamW step, state averaging - is real.
+
+Reported per setting, over a measurement window after a warm-up:
+
+- compute utilisation of each volunteer: time spent in the simulated compute / wall time; the rest
+  is time blocked in ``optimizer.step()`` (accumulating, waiting for a delayed update, ...);
+- swarm samples/s: samples the volunteers processed per second, against the ideal sum of their
+  rates (every volunteer computing all the time); and the rate of optimizer steps (epochs);
+- CPU cores the volunteers' processes used (DHT, p2p daemon and averagers included), and their
+  memory: all volunteers share this machine's 2 cores, which a real swarm would not.
+
+The target batch size is given as the seconds the whole group needs to accumulate it
+(``--epoch-seconds``): ``target = epoch_s * sum of rates``. Needs root (network namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_ID = "bench-scaling"
+SPEEDS = (1, 2, 4)
+"""Relative speeds of the volunteers, cycled: volunteer ``i`` computes at ``SPEEDS[i % 3]`` x."""
+MODEL_SIZES = {"6M": (1024, 6), "25M": (2048, 6), "100M": (4096, 6)}
+"""Model size name -> (width, layers) of the Linear stack: 6 layers of width 2048 are 25.2M parameters."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One measured configuration."""
+
+    num_volunteers: int
+    rate_mbit: float
+    model_size: str
+    epoch_s: float
+    """Seconds the whole group needs to accumulate the target batch when computing all the time."""
+    base_step_s: float
+    batch_size: int
+    warmup_s: float
+    measure_s: float
+
+    def speed(self, index: int) -> int:
+        return SPEEDS[index % len(SPEEDS)]
+
+    def step_s(self, index: int) -> float:
+        return self.base_step_s / self.speed(index)
+
+    @property
+    def ideal_samples_per_s(self) -> float:
+        return sum(self.batch_size / self.step_s(i) for i in range(self.num_volunteers))
+
+    @property
+    def target_batch_size(self) -> int:
+        return round(self.epoch_s * self.ideal_samples_per_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VolunteerSpec:
+    index: int
+    setting: Setting
+    address: str
+    initial_peer: str | None
+
+
+# --- one volunteer (runs inside a testbed host) ------------------------------------------------
+
+
+def build_model(size: str):
+    """A plain stack of square Linear layers with ``MODEL_SIZES[size]`` parameters, identical on
+    every volunteer (seeded), as if all had downloaded the same state."""
+    import torch
+
+    width, layers = MODEL_SIZES[size]
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+
+
+def run_volunteer(spec: VolunteerSpec) -> None:
+    """Commands on stdin (``run <measure_from> <measure_until>`` in unix time, ``quit``); JSON lines
+    on stdout (``address``/``ready``, then the window's measurements)."""
+    import dataclasses
+
+    import torch
+
+    from dalle_together.config import SwarmConfig, preset
+    from dalle_together.swarm.dht import configure_hivemind_logging, start_dht
+    from dalle_together.swarm.optimizer import apply_pending_updates, make_swarm_optimizer
+    from dalle_together.swarm.records import run_validators
+
+    torch.set_num_threads(1)
+    configure_hivemind_logging(verbose=False)
+    setting = spec.setting
+
+    def say(**message: Any) -> None:
+        print(json.dumps(message), flush=True)
+
+    dht = start_dht(
+        initial_peers=[spec.initial_peer] if spec.initial_peer else [],
+        host_maddrs=[f"/ip4/{spec.address}/tcp/0"],
+        record_validators=run_validators(RUN_ID),
+        startup_timeout_s=60.0,
+    )
+    say(address=str(dht.get_visible_maddrs()[0]))
+    model = build_model(setting.model_size)
+    tiny = preset("tiny")
+    # the tiny preset's optimizer with this setting's batches; the production swarm settings
+    cfg = tiny.replace(
+        optim=dataclasses.replace(
+            tiny.optim, batch_size=setting.batch_size, target_batch_size=setting.target_batch_size
+        ),
+        swarm=SwarmConfig(),
+    )
+    optimizer = make_swarm_optimizer(
+        dht=dht,
+        run_id=RUN_ID,
+        model=model,
+        cfg=cfg,
+        batch_size_per_step=setting.batch_size,
+        client_mode=False,
+    )
+    # what a backward pass would leave: different on every volunteer, small enough to train nothing
+    # away; each gradient is one random row repeated (a view: no memory per volunteer for gradients),
+    # averaged and sent as the full-sized tensor it stands for
+    generator = torch.Generator().manual_seed(1000 + spec.index)
+    for p in model.parameters():
+        p.grad = (torch.randn(p.shape[-1], generator=generator) * 1e-3).expand(p.shape)
+    say(ready=True)
+
+    command, *args = sys.stdin.readline().split()
+    assert command == "run", command
+    measure_from, measure_until = float(args[0]), float(args[1])
+    step_s = setting.step_s(spec.index)
+    compute_s = blocked_s = 0.0
+    samples = steps = 0
+    epoch_times: list[tuple[float, int]] = []
+    epoch = optimizer.local_epoch
+    start_epoch = end_epoch = None
+    while (now := time.time()) < measure_until:
+        if start_epoch is None and now >= measure_from:
+            start_epoch = optimizer.local_epoch
+        time.sleep(step_s)  # the simulated forward and backward pass
+        computed = time.time()
+        optimizer.step()
+        stepped = time.time()
+        if computed > measure_from:  # count only what falls inside the window
+            compute_s += min(computed, measure_until) - max(computed - step_s, measure_from)
+            blocked_s += max(min(stepped, measure_until) - max(computed, measure_from), 0.0)
+            samples += setting.batch_size
+            steps += 1
+        if optimizer.local_epoch != epoch:
+            epoch = optimizer.local_epoch
+            epoch_times.append((stepped, epoch))
+    end_epoch = optimizer.local_epoch
+    window = measure_until - measure_from
+    say(
+        index=spec.index,
+        speed=setting.speed(spec.index),
+        utilisation=compute_s / window,
+        blocked_fraction=blocked_s / window,
+        samples=samples,
+        steps=steps,
+        start_epoch=start_epoch,
+        end_epoch=end_epoch,
+        epoch_times=epoch_times,
+    )
+    sys.stdin.readline()  # quit: every volunteer stops its optimizer at about the same time
+    apply_pending_updates(optimizer)
+    optimizer.shutdown()
+    dht.shutdown()
+
+
+# --- the orchestrator ---------------------------------------------------------------------------
+
+
+class VolunteerProcess:
+    """A simulated volunteer running in a testbed host, answering JSON lines."""
+
+    def __init__(self, host, spec: VolunteerSpec, log: Path) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        self.log = log
+        self.proc = host.popen(
+            [sys.executable, "-m", "benchmarks.bench_scaling", "--volunteer", json.dumps(_spec_dict(spec))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, bufsize=1,
+            env=env, cwd=REPO_ROOT,
+        )  # fmt: skip
+        self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.answers.put(json.loads(line))
+        self.answers.put(None)
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            message = self.answers.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no answer from a volunteer in {timeout_s} s; see {self.log}") from None
+        if message is None:
+            raise RuntimeError(f"a volunteer exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
+        return message
+
+
+def _spec_dict(spec: VolunteerSpec) -> dict[str, Any]:
+    return {**asdict(spec), "setting": asdict(spec.setting)}
+
+
+def _spec_from_dict(d: dict[str, Any]) -> VolunteerSpec:
+    return VolunteerSpec(**{**d, "setting": Setting(**d["setting"])})
+
+
+def memory_mb(tb, index: int) -> float:
+    """Proportional set size (shared memory split among its users) of host ``index``'s processes, MB."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", tb.hosts[index].namespace], capture_output=True, text=True
+    ).stdout
+    total_kb = 0
+    for pid in pids.split():
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            continue
+    return total_kb / 1024
+
+
+MIN_AVAILABLE_GB = 1.5
+"""Stop the volunteers if the machine's available memory falls below this (others share it)."""
+
+
+def available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def guard_memory(volunteers: list[VolunteerProcess], done: threading.Event) -> None:
+    """Kill the volunteers (their hosts' other processes go when the testbed closes) before the
+    machine runs out of memory: 16 volunteers of a 25M model are close to what 24 GB holds."""
+    while not done.wait(1.0):
+        if available_gb() < MIN_AVAILABLE_GB:
+            print(f"less than {MIN_AVAILABLE_GB} GB of memory left: stopping", file=sys.stderr, flush=True)
+            for v in list(volunteers):
+                v.proc.kill()
+                v.answers.put(None)  # its averagers may hold its stdout open: don't wait for EOF
+            return
+
+
+def measure(setting: Setting, logs: Path) -> dict[str, Any]:
+    """Start the volunteers in a fresh testbed, train through a warm-up and a window, collect."""
+    from benchmarks.testbed import Testbed
+
+    n = setting.num_volunteers
+    done = threading.Event()
+    volunteers: list[VolunteerProcess] = []
+    threading.Thread(target=guard_memory, args=(volunteers, done), daemon=True).start()
+    try:
+        with Testbed(n, rate_mbit=setting.rate_mbit) as tb:
+            initial_peer = None
+            started = time.monotonic()
+            for i, host in enumerate(tb.hosts):
+                spec = VolunteerSpec(
+                    index=i, setting=setting, address=host.address, initial_peer=initial_peer
+                )
+                volunteers.append(VolunteerProcess(host, spec, logs / f"n{n}-{setting.model_size}-v{i}.log"))
+                if i == 0:  # the others bootstrap from volunteer 0
+                    initial_peer = volunteers[0].answer(timeout_s=300)["address"]
+            for v in volunteers[1:]:
+                v.answer(timeout_s=300)  # address
+            for v in volunteers:
+                v.answer(timeout_s=600)  # ready: the optimizer exists
+            startup_s = time.monotonic() - started
+            measure_from = time.time() + 1.0 + setting.warmup_s
+            measure_until = measure_from + setting.measure_s
+            for v in volunteers:
+                v.send(f"run {measure_from} {measure_until}")
+            time.sleep(max(measure_from - time.time(), 0.0))
+            cpu_before = [tb.cpu_seconds(i) for i in range(n)]
+            tx_before = [tb.tx_bytes(i) for i in range(n)]
+            time.sleep(max(measure_until - time.time(), 0.0))
+            cpu = [tb.cpu_seconds(i) - b for i, b in enumerate(cpu_before)]
+            tx = [tb.tx_bytes(i) - b for i, b in enumerate(tx_before)]
+            memory = [memory_mb(tb, i) for i in range(n)]
+            results = [v.answer(timeout_s=setting.base_step_s + 600) for v in volunteers]
+            for v in volunteers:
+                v.send("quit")
+            for v in volunteers:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # the testbed kills what is left
+                    v.proc.wait(60)
+    finally:
+        done.set()
+    return summarise(setting, results, cpu=cpu, tx=tx, memory=memory, startup_s=startup_s)
+
+
+def summarise(
+    setting: Setting,
+    results: list[dict[str, Any]],
+    *,
+    cpu: list[float],
+    tx: list[int],
+    memory: list[float],
+    startup_s: float,
+) -> dict[str, Any]:
+    window = setting.measure_s
+    utilisation = [r["utilisation"] for r in results]
+    samples_per_s = sum(r["samples"] for r in results) / window
+    epochs = statistics.median(r["end_epoch"] - r["start_epoch"] for r in results)
+    # the epoch period from the transitions every volunteer saw inside the window
+    periods = []
+    for r in results:
+        times = [t for t, _ in r["epoch_times"]]
+        if len(times) >= 2:
+            periods.append((times[-1] - times[0]) / (len(times) - 1))
+    return {
+        **asdict(setting),
+        "target_batch_size": setting.target_batch_size,
+        "ideal_samples_per_s": setting.ideal_samples_per_s,
+        "mean_utilisation": statistics.mean(utilisation),
+        "min_utilisation": min(utilisation),
+        "utilisation_by_speed": {
+            str(s): statistics.mean(u for r, u in zip(results, utilisation, strict=True) if r["speed"] == s)
+            for s in sorted({r["speed"] for r in results})
+        },
+        "samples_per_s": samples_per_s,
+        "samples_over_ideal": samples_per_s / setting.ideal_samples_per_s,
+        "epochs_in_window": epochs,
+        "epoch_period_s": statistics.median(periods) if periods else None,
+        "stepped_samples_per_s": epochs * setting.target_batch_size / window,
+        "cpu_cores_all_volunteers": sum(cpu) / window,
+        "cpu_cores_per_volunteer": statistics.mean(cpu) / window,
+        "sent_mbit_per_volunteer": statistics.mean(tx) * 8 / window / 1e6,
+        "memory_mb_per_volunteer": statistics.mean(memory),
+        "memory_gb_total": sum(memory) / 1024,
+        "startup_s": startup_s,
+        "volunteers": results,
+    }
+
+
+def markdown(results: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        f"`{command}`",
+        "",
+        "| N | link Mbit/s | params | target batch (epoch s) | mean util | min util | util 1x/2x/4x "
+        "| samples/s / ideal | epoch period s | CPU cores (all) | sent Mbit/s/vol | RAM GB (all) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        by_speed = "/".join(f"{r['utilisation_by_speed'][s]:.0%}" for s in sorted(r["utilisation_by_speed"]))
+        period = f"{r['epoch_period_s']:.1f}" if r["epoch_period_s"] else "-"
+        lines.append(
+            f"| {r['num_volunteers']} | {r['rate_mbit']:g} | {r['model_size']} "
+            f"| {r['target_batch_size']} ({r['epoch_s']:g} s) | **{r['mean_utilisation']:.1%}** "
+            f"| {r['min_utilisation']:.1%} | {by_speed} "
+            f"| {r['samples_per_s']:.0f} / {r['ideal_samples_per_s']:.0f} = {r['samples_over_ideal']:.2f} "
+            f"| {period} | {r['cpu_cores_all_volunteers']:.2f} | {r['sent_mbit_per_volunteer']:.1f} "
+            f"| {r['memory_gb_total']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        label = f"{r['model_size']}, {r['rate_mbit']:g} Mbit/s, {r['epoch_s']:g} s epochs"
+        series.setdefault(label, []).append((r["num_volunteers"], r["mean_utilisation"]))
+    for label, points in series.items():
+        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
+    ax.axhline(0.9, color="red", linestyle="--", linewidth=0.8, label="90% target")
+    ax.set(xlabel="volunteers N", ylabel="mean compute utilisation", ylim=(0, 1.02))
+    ax.set_xticks(sorted({r["num_volunteers"] for r in results}))
+    ax.legend(fontsize=7)
+    ax.set_title("Simulated compute, real hivemind averaging on capped links")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def settings_for(args: argparse.Namespace) -> list[Setting]:
+    common = dict(base_step_s=args.base_step_s, batch_size=args.batch_size)
+    if args.full:
+        grid = [(n, 100.0, "25M", 30.0) for n in (4, 8, 16)] + [
+            (16, 10.0, "25M", 30.0),
+            (16, 100.0, "25M", 10.0),
+            (8, 100.0, "100M", 30.0),
+        ]
+    else:
+        grid = [(4, 100.0, "25M", 30.0)]
+    if args.volunteers:
+        grid = [(n, r, m, e) for n in args.volunteers for (_, r, m, e) in grid[:1]]
+    if args.rate_mbit or args.model_size or args.epoch_seconds:
+        grid = [
+            (n, args.rate_mbit or r, args.model_size or m, args.epoch_seconds or e) for (n, r, m, e) in grid
+        ]
+    return [
+        Setting(
+            num_volunteers=n,
+            rate_mbit=rate,
+            model_size=size,
+            epoch_s=epoch_s,
+            warmup_s=args.warmup_epochs * epoch_s,
+            measure_s=args.measure_epochs * epoch_s,
+            **common,
+        )  # fmt: skip
+        for n, rate, size, epoch_s in dict.fromkeys(grid)
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--volunteer", help=argparse.SUPPRESS)  # internal: run one volunteer
+    setting = parser.add_mutually_exclusive_group()
+    setting.add_argument("--quick", action="store_true", help="N=4, 25M, 100 Mbit/s, 30 s epochs (default)")
+    setting.add_argument(
+        "--full",
+        action="store_true",
+        help="N=4, 8, 16 at 25M/100 Mbit/s/30 s; N=16 at 10 Mbit/s; N=16 with 10 s epochs; N=8 at 100M",
+    )
+    parser.add_argument(
+        "--volunteers", nargs="+", type=int, help="N values (with the first setting's others)"
+    )
+    parser.add_argument("--rate-mbit", type=float, help="override every setting's link rate")
+    parser.add_argument("--model-size", choices=list(MODEL_SIZES), help="override every setting's model")
+    parser.add_argument(
+        "--epoch-seconds", type=float, help="override: seconds the group needs per target batch"
+    )
+    parser.add_argument("--base-step-s", type=float, default=4.0, help="a 1x volunteer's step time")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per local step")
+    parser.add_argument("--warmup-epochs", type=float, default=1.5)
+    parser.add_argument("--measure-epochs", type=float, default=4.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path, default=Path("runs/bench/bench_scaling.md"))
+    parser.add_argument("--plot", type=Path, default=Path("runs/bench/bench_scaling.png"))
+    args = parser.parse_args()
+    if args.volunteer:
+        return run_volunteer(_spec_from_dict(json.loads(args.volunteer)))
+
+    from benchmarks.testbed import cleanup_stale, testbed_available
+
+    available, reason = testbed_available()
+    if not available:
+        sys.exit(f"bench_scaling needs the network testbed: {reason}")
+    cleanup_stale()
+    command = "python -m benchmarks.bench_scaling " + " ".join(sys.argv[1:])
+    results = []
+    logs = args.markdown.parent / "bench_scaling-logs"  # each volunteer's stderr, for a failed run
+    logs.mkdir(parents=True, exist_ok=True)
+    for s in settings_for(args):
+        print(f"measuring {s}", file=sys.stderr, flush=True)
+        result = measure(s, logs)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "volunteers"}), flush=True)
+    table = markdown(results, command)
+    print(table)
+    for path in (args.markdown, args.plot, args.json):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(table)
+    plot(results, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
