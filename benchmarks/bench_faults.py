@@ -43,10 +43,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "testbed"
 EPOCH_LINE = re.compile(r"^\S+ epoch (\d+) \|")
 ADDRESS = re.compile(r"^/ip4/\S+/p2p/\S+$")
-AGREE_OVER_LR = 0.1
+AGREE_OVER_LR = 0.5
 """Two peers agree if their parameters' rms difference is below this many learning rates: one
 optimizer step lost or applied twice moves the weights by about 1 (AdamW, no warm-up); fp16
-averaging's rounding by about 0.01."""
+averaging's rounding by about 0.01. Measured on 20 Mbit/s links with 3 volunteers: 0.11-0.35 at
+best, not 0.01, because some averaging rounds end half-done under load (each peer keeps its own
+half; see BENCHMARKS.md) until the next state averaging pulls the peers together again."""
 COORDINATOR_PORT = 31337
 """A fixed port (the host is the coordinator's alone): restarted, it keeps the address the
 volunteers know (its peer id persists in its directory), so they reconnect to it."""
@@ -177,6 +179,8 @@ class CliSwarm:
             "peers": {f"v{i}": ids[i] for i in indices},
             "rounds": rounds,
             "interval_s": 0.5,
+            # stop early enough to print what it saw: starting the probe's DHT takes seconds
+            "budget_s": max(timeout_s - 40.0, 10.0),
         }
         result = self.probe_host.run(
             [sys.executable, "-m", "benchmarks.bench_faults", "--probe", json.dumps(spec)],
@@ -300,9 +304,13 @@ def run_probe(spec: dict[str, Any]) -> None:
         p2p = await dht.replicate_p2p()
         names_ = list(spec["peers"])
         rounds, best = [], None
+        deadline = time.monotonic() + spec.get("budget_s", math.inf)
         for r in range(spec["rounds"]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 1.0:
+                break
             got = await asyncio.gather(
-                *(asyncio.wait_for(download(p2p, spec["peers"][n]), 60) for n in names_),
+                *(asyncio.wait_for(download(p2p, spec["peers"][n]), min(60.0, remaining)) for n in names_),
                 return_exceptions=True,
             )
             failed = {n: repr(g) for n, g in zip(names_, got, strict=True) if isinstance(g, BaseException)}
