@@ -66,15 +66,10 @@ class CliProcess:
         self.stdout: list[tuple[float, str]] = []
         self.stderr: list[tuple[float, str]] = []
         self._changed = threading.Condition()
-        self.proc = subprocess.Popen(
+        self.proc = self._start(
             [sys.executable, "-m", "dalle_together.cli", *self.args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
             env={**CHILD_ENV, **(env or {})},
-            start_new_session=True,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None,
+            cpus=cpus,
         )
         self._readers = [
             threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
@@ -82,6 +77,19 @@ class CliProcess:
         ]
         for reader in self._readers:
             reader.start()
+
+    def _start(self, argv: list[str], *, env: dict[str, str], cpus: set[int] | None) -> subprocess.Popen:
+        """Start the command with piped text output (a subclass may start it elsewhere)."""
+        return subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+            start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus is not None else None,
+        )
 
     @property
     def pid(self) -> int:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-import threading
 from collections.abc import Sequence
 
 from benchmarks.testbed.network import Host
-from dalle_together.demo import CHILD_ENV, CliProcess
+from dalle_together.demo import CliProcess
 
 
 class HostCli(CliProcess):
@@ -28,23 +26,11 @@ class HostCli(CliProcess):
         echo: bool = False,
         env: dict[str, str] | None = None,
     ) -> None:
-        # CliProcess.__init__ starts the command on this machine's network; this is the same
-        # constructor with the command prefixed by `ip netns exec`
-        self.name, self.args, self.echo, self.host = name, list(args), echo, host
-        self.stdout: list[tuple[float, str]] = []
-        self.stderr: list[tuple[float, str]] = []
-        self._changed = threading.Condition()
-        self.proc = host.popen(
-            [sys.executable, "-m", "dalle_together.cli", *self.args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env={**CHILD_ENV, **(env or {})},
+        self.host = host
+        super().__init__(name, args, echo=echo, env=env)
+
+    def _start(self, argv: list[str], *, env: dict[str, str], cpus: set[int] | None) -> subprocess.Popen:
+        # Host.popen prefixes `ip netns exec` and gives the command its own session
+        return self.host.popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env
         )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()

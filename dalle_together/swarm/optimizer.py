@@ -98,12 +98,9 @@ class ThrottledProgressTracker(ProgressTracker):
     extrapolates every peer's count from its reported speed); a new epoch is
     still published at once, so the others learn about it without delay.
 
-    With epochs of a second or two (the 5-minute demo) the delay shows: right after an epoch starts
-    the others extrapolate from a stale report, and each of two volunteers accumulated about the
-    whole target batch by itself (1.8x the target per epoch; every sample is still averaged into
-    the step). Reporting every 0.25 s brought that to 1.0x but halved the two volunteers' training
-    throughput on a 2-core machine (each report is a signed DHT store, validated on every replica),
-    so the demo keeps the cheap reports and says how many samples each step took.
+    hivemind's reporter stops publishing a peer whose reports showed no samples during an epoch, so
+    the first samples of every epoch are reported at once; without that, short epochs hid each
+    volunteer from the other and each accumulated the whole target by itself (1.8x per epoch).
     """
 
     def __init__(self, *args, report_interval_s: float = PROGRESS_REPORT_INTERVAL_S, **kwargs) -> None:
