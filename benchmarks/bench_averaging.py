@@ -34,23 +34,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import queue
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_report
+from benchmarks.testbed.peers import PeerProcess, start_peers
+
 WIDTH = 1024
 SIZES = {"25M": 2, "100M": 8}
 """Model size name -> number of transformer layers of width :data:`WIDTH`."""
 COMPRESSIONS = ("none", "fp16", "8bit")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def layer_shapes(width: int) -> list[tuple[int, ...]]:
@@ -181,46 +179,6 @@ def relative_error(spec: PeerSpec, averager, shapes: list[tuple[int, ...]]) -> f
 # --- the orchestrator ---------------------------------------------------------------------------
 
 
-class PeerProcess:
-    """A benchmark peer running in a testbed host, answering one JSON line per command."""
-
-    def __init__(self, host, spec: PeerSpec, log: Path, quantization_threads: int) -> None:
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "QUANTIZATION_THREADS": str(quantization_threads),
-            "PYTHONWARNINGS": "ignore",
-        }
-        self.log = log
-        self.proc = host.popen(
-            [sys.executable, "-m", "benchmarks.bench_averaging", "--peer", json.dumps(asdict(spec))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, bufsize=1,
-            env=env, cwd=REPO_ROOT,
-        )  # fmt: skip
-        self.answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            if line.startswith("{"):
-                self.answers.put(json.loads(line))
-        self.answers.put(None)
-
-    def send(self, command: str) -> None:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-
-    def answer(self, timeout_s: float) -> dict[str, Any]:
-        try:
-            message = self.answers.get(timeout=timeout_s)
-        except queue.Empty:
-            raise TimeoutError(f"no answer from a peer in {timeout_s} s; see {self.log}") from None
-        if message is None:
-            raise RuntimeError(f"a peer exited; see {self.log}:\n{self.log.read_text()[-3000:]}")
-        return message
-
-
 def measure(
     tb, *, size: str, compression: str, rounds: int, rate_mbit: float, part_size_bytes: int,
     threshold: int, quantization_threads: int, logs: Path,
@@ -228,17 +186,19 @@ def measure(
     """One setting: start the peers, run ``rounds`` timed all-reduces, stop the peers."""
     n = len(tb.hosts)
     peers: list[PeerProcess] = []
+
+    def start(i: int, host, initial_peer: str | None) -> PeerProcess:
+        spec = PeerSpec(i, n, size, compression, host.address, initial_peer, part_size_bytes, threshold)
+        peer = PeerProcess.spawn(
+            host, "benchmarks.bench_averaging", ["--peer", json.dumps(asdict(spec))],
+            log=logs / f"{size}-{compression}-n{n}-p{i}.log",
+            env={"QUANTIZATION_THREADS": str(quantization_threads)},
+        )  # fmt: skip
+        peers.append(peer)  # before it answers: the finally below stops it whatever happens
+        return peer
+
     try:
-        initial_peer = None
-        for i, host in enumerate(tb.hosts):
-            spec = PeerSpec(i, n, size, compression, host.address, initial_peer, part_size_bytes, threshold)
-            peers.append(
-                PeerProcess(host, spec, logs / f"{size}-{compression}-n{n}-p{i}.log", quantization_threads)
-            )
-            if i == 0:  # the others bootstrap from peer 0
-                initial_peer = peers[0].answer(timeout_s=180)["address"]
-        for peer in peers[1:]:
-            peer.answer(timeout_s=180)
+        start_peers(tb, start, timeout_s=180)
         times, sent, cpu, error = [], [], [], None
         for r in range(rounds):
             for peer in peers:
@@ -381,15 +341,10 @@ def main() -> None:
                         )  # fmt: skip
                         results.append(result)
                         print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}), flush=True)
-    table = markdown(results, command)
-    print(table)
-    for path in (args.markdown, args.plot, args.json):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(table)
-    plot(results, args.plot)
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "results": results}, indent=2))
+    write_report(
+        command=command, table=markdown(results, command), results=results, markdown=args.markdown,
+        json_path=args.json, plot=plot, plot_path=args.plot,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

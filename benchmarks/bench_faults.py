@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import write_report
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = "testbed"
 EPOCH_LINE = re.compile(r"^\S+ epoch (\d+) \|")
@@ -519,15 +521,13 @@ def main() -> None:
         f"1 thread each) and a coordinator on {args.rate_mbit:g} Mbit/s links, target batch "
         f"{settings.target_batch_size}, 2 shared CPU cores"
     )
-    table = markdown(results, command=command, header=header)
-    print(table)
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps({"command": command, "results": [r.__dict__ for r in results]}, indent=2)
-        )
+    write_report(
+        command=command,
+        table=markdown(results, command=command, header=header),
+        results=[r.__dict__ for r in results],
+        markdown=args.markdown,
+        json_path=args.json,
+    )
     if not all(r.consistent for r in results):
         sys.exit(1)
 

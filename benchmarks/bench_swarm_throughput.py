@@ -50,42 +50,15 @@ from dalle_together.config import preset  # noqa: E402
 from dalle_together.data import all_attributes  # noqa: E402
 from dalle_together.demo import ADDRESS, CliProcess  # noqa: E402
 from dalle_together.optim import build_optimizer  # noqa: E402
+from dalle_together.processes import CLOCK_TICKS, tree_cpu_s  # noqa: E402
 from dalle_together.tokenizers.text import TextTokenizer  # noqa: E402
 from dalle_together.tokenizers.vqvae import save_vqvae, train_vqvae  # noqa: E402
 from dalle_together.train import build_model, local_step, token_batches  # noqa: E402
 
 CONTRIBUTED = re.compile(r"contributed (\d+) samples")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-# --- CPU time of process trees, from /proc ----------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, user+system CPU seconds) of ``pid``, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds used so far by ``root`` and its living descendants."""
-    stats = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (s := _stat(int(entry.name))) is not None:
-            stats[int(entry.name)] = s
-    total, todo, seen = 0.0, [root], set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen or pid not in stats:
-            continue
-        seen.add(pid)
-        total += stats[pid][1]
-        todo += [child for child, (ppid, _) in stats.items() if ppid == pid]
-    return total
+# --- CPU time of the machine, from /proc -------------------------------------------------------
 
 
 def machine_cpu_s() -> tuple[float, float]:

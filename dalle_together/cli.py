@@ -394,6 +394,13 @@ def coordinator(
         float | None,
         typer.Option("--matchmaking-time", help="Seconds peers spend forming an averaging group."),
     ] = None,
+    next_chunk_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--next-chunk-timeout",
+            help="Seconds a peer may go silent in the middle of an averaging round before it is left out.",
+        ),
+    ] = None,
     average_state_every: Annotated[
         int | None,
         typer.Option(
@@ -440,6 +447,7 @@ def coordinator(
             "optim.total_steps": total_steps,
             "optim.lr": lr,
             "swarm.matchmaking_time_s": matchmaking_time,
+            "swarm.next_chunk_timeout_s": next_chunk_timeout,
             "swarm.average_state_every": average_state_every,
             "swarm.checkpoint_every_epochs": checkpoint_every_epochs,
             "swarm.keep_checkpoints": keep_checkpoints,
@@ -575,13 +583,15 @@ def join(
             _say(
                 f"epoch {p.epoch} | local {p.local_samples_per_second:.1f} samples/s | "
                 f"swarm {p.swarm_samples_per_second:.1f} samples/s | {p.peers} peers | "
-                f"loss {_fmt_loss(p.loss)} | contributed {p.samples_total} samples"
+                f"loss {_fmt_loss(p.loss)} | contributed {p.samples_total} samples | "
+                f"waiting {p.waiting_share:.0%}"
             )
 
         result = run_volunteer(options, stop=shutdown.event, on_joined=on_joined, on_progress=on_progress)
     _say(
         f"left run {run_id!r} at epoch {result.final_epoch} after {result.steps} steps "
-        f"({result.samples_total} samples contributed)"
+        f"({result.samples_total} samples contributed; {result.waiting_share:.0%} of the time "
+        "waiting for the swarm)"
     )
 
 

@@ -189,6 +189,12 @@ class SwarmConfig:
 
     matchmaking_time_s: float = 15.0
     allreduce_timeout_s: float = 60.0
+    next_chunk_timeout_s: float | None = None
+    """A peer that sends nothing for this long in the middle of an all-reduce (or a state download)
+    is left out of the round, which ends with what the others sent. ``None``: the matchmaking time,
+    hivemind's default (the seed's 15 s). A longer one tolerates slow or stalled links at the price
+    of waiting that long for a peer that is gone or that dropped out of the round (measured in
+    ``make demo``: 5 s instead of 0.5 s halved the volunteers' throughput)."""
     averaging_timeout_s: float = 180.0
     compression: Literal["none", "fp16", "8bit"] = "8bit"
     """Averaging compression: ``none`` is lossless; ``fp16`` everywhere; ``8bit`` quantises tensors

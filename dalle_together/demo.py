@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dalle_together.processes import descendants
+
 DEMO_PROMPTS = [
     "a large red circle in the center",
     "a small blue triangle in the top left",
@@ -142,23 +144,6 @@ class CliProcess:
         self.proc.wait()
 
 
-def descendants(root: int) -> list[int]:
-    """The living descendants of process ``root`` (from /proc; empty where there is none)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        children.setdefault(int(text[text.rindex(")") + 2 :].split()[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def run(*args: str) -> str:
     """Run a short ``dalle-together`` command to completion; its stdout, or exit with its status."""
     print("$ dalle-together " + " ".join(args), file=sys.stderr, flush=True)
@@ -190,6 +175,11 @@ def main() -> None:
     parser.add_argument("--checkpoint-every-epochs", type=int, default=100)
     parser.add_argument(
         "--average-state-every", type=int, default=5, help="epochs between parameter/state averaging"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="volunteers log every averaging round and epoch (hivemind's log)",
     )
     args = parser.parse_args()
 
@@ -252,6 +242,7 @@ def main() -> None:
                         str(args.out / f"volunteer-{i}"),
                         "--report-every",
                         "20",
+                        *(["--verbose"] if args.verbose else []),
                     ],
                 )  # fmt: skip
             )

@@ -18,42 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from dalle_together.processes import descendants, start_time
+
 
 def _descendants(root: int) -> dict[int, int]:
-    """Living descendants of ``root`` as {pid: start time} (read from /proc)."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # the process ended while we looked
-        # the command name (field 2) may contain spaces and parentheses: parse after the last ')'
-        fields = text[text.rindex(")") + 2 :].split()
-        state, ppid, start_time = fields[0], int(fields[1]), int(fields[19])
-        if state != "Z":
-            children.setdefault(ppid, []).append((int(stat.parent.name), start_time))
-    found: dict[int, int] = {}
-    todo = [root]
-    while todo:
-        for child, start_time in children.get(todo.pop(), ()):
-            if child not in found:
-                found[child] = start_time
-                todo.append(child)
-    return found
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2 :].split()[19])
+    """Living descendants of ``root`` as {pid: start time}."""
+    return {pid: stat.start_time for pid, stat in descendants(root).items()}
 
 
 def _kill(procs: dict[int, int], sig: int) -> None:
     """Signal each process, by pid, unless it has ended and its pid was reused since we listed it."""
-    for pid, start_time in procs.items():
-        if _start_time(pid) != start_time:
+    for pid, started in procs.items():
+        if start_time(pid) != started:
             continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
@@ -68,7 +44,7 @@ def _is_shared_service(pid: int) -> bool:
 
 
 def _alive(procs: dict[int, int]) -> dict[int, int]:
-    return {pid: t for pid, t in procs.items() if _start_time(pid) == t}
+    return {pid: t for pid, t in procs.items() if start_time(pid) == t}
 
 
 @pytest.fixture(autouse=True)

@@ -32,3 +32,53 @@ def test_parameters_are_still_compressed_like_gradients():
     sent = round_trip(state_averaging_compression("8bit", 65_537), weights, TensorRole.PARAMETER)
     assert not torch.equal(sent, weights)  # quantised...
     assert (sent - weights).norm() / weights.norm() < 0.05  # ...but close
+
+
+# --- the fast 8-bit codec: hivemind's wire format, less CPU --------------------------------------
+
+
+@pytest.fixture
+def gradient_like() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(300_000) * 1e-3 + 1e-4
+
+
+def test_fast_8bit_codec_speaks_hiveminds_format(gradient_like):
+    from hivemind.compression import Uniform8BitQuantization
+
+    from dalle_together.swarm.compression import FastUniform8BitQuantization
+
+    stock, fast = Uniform8BitQuantization(), FastUniform8BitQuantization()
+    info = CompressionInfo.from_tensor(gradient_like, key="g", role=TensorRole.GRADIENT)
+    from_fast, from_stock = fast.compress(gradient_like, info), stock.compress(gradient_like, info)
+    assert from_fast.compression == from_stock.compression
+    assert len(from_fast.buffer) == len(from_stock.buffer)  # 8 + 256 * 4 + one byte per value
+    # each side decodes the other's messages exactly as the sender's own decoder would
+    assert torch.equal(stock.extract(from_fast), fast.extract(from_fast))
+    assert torch.equal(fast.extract(from_stock), stock.extract(from_stock))
+    # and the quantisation is as good: same grid, codebook of bucket means
+    error = {
+        name: ((codec.extract(message) - gradient_like).norm() / gradient_like.norm()).item()
+        for name, codec, message in (("stock", stock, from_stock), ("fast", fast, from_fast))
+    }
+    assert error["fast"] < 0.05
+    assert error["fast"] == pytest.approx(error["stock"], rel=0.02)
+
+
+def test_fast_8bit_codec_edge_cases():
+    from dalle_together.swarm.compression import FAST_UNIFORM_8BIT as fast
+
+    for tensor in (torch.full((70_000,), 0.25), torch.randn(300, 300).half(), torch.randn(70_000).bfloat16()):
+        info = CompressionInfo.from_tensor(tensor, key="t", role=TensorRole.GRADIENT)
+        decoded = fast.extract(fast.compress(tensor, info))
+        assert decoded.shape == tensor.shape and decoded.dtype == tensor.dtype
+        assert (decoded.float() - tensor.float()).norm() <= 0.05 * tensor.float().norm()
+
+
+def test_averaging_installs_the_fast_codec_as_hiveminds_decoder():
+    from hivemind.compression import serialization
+
+    from dalle_together.swarm.compression import FastUniform8BitQuantization
+
+    averaging_compression("none", 65_537)  # even a peer that sends uncompressed decodes others' 8-bit parts
+    assert isinstance(serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"], FastUniform8BitQuantization)

@@ -143,3 +143,36 @@ def test_cpu_seconds_counts_a_hosts_processes():
         time.sleep(1.0)
         assert tb.cpu_seconds(0) > 0.3
         busy.kill()
+
+
+def _echo_peer() -> None:
+    """A forked benchmark peer: says its address, then answers each command with the host it runs on."""
+    import json
+    import socket
+
+    addresses = subprocess.run(["ip", "-4", "-o", "addr", "show", "eth0"], capture_output=True, text=True)
+    address = addresses.stdout.split()[3].split("/")[0]  # there is an eth0 only inside a host
+    socket.create_server((address, 0)).close()  # and its address is this process's own
+    print(json.dumps({"address": address}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        print(json.dumps({"echo": line.strip(), "address": address}), flush=True)
+
+
+def test_forked_peers_run_in_their_hosts_and_are_stopped(tmp_path):
+    from benchmarks.testbed.peers import PeerProcess, start_peers
+
+    with Testbed(2, name_prefix=PREFIX) as tb:
+        peers = start_peers(
+            tb, lambda i, host, initial: PeerProcess.fork(host, _echo_peer, log=tmp_path / f"p{i}.log")
+        )
+        for peer, host in zip(peers, tb.hosts, strict=True):
+            peer.send("hello")
+            # each child moved into its own host's namespace: it has that host's address
+            assert peer.answer(timeout_s=30) == {"echo": "hello", "address": host.address}
+        peers[1].send("quit")
+        assert peers[1].proc.wait(30) == 0
+        lingering = peers[0].proc
+    assert lingering.poll() is not None  # the testbed stopped the other one
+    assert ours() == []

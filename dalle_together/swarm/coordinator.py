@@ -178,6 +178,8 @@ def check_swarm_options(cfg: RunConfig) -> None:
         raise UserError("--keep-checkpoints must be at least 1")
     if cfg.swarm.matchmaking_time_s <= 0:
         raise UserError("--matchmaking-time must be positive")
+    if cfg.swarm.next_chunk_timeout_s is not None and cfg.swarm.next_chunk_timeout_s <= 0:
+        raise UserError("--next-chunk-timeout must be positive")
     if cfg.optim.total_steps < 1 or cfg.optim.warmup_steps < 0:
         raise UserError("--total-steps must be positive and --warmup-steps non-negative")
 

@@ -33,7 +33,6 @@ from hivemind.compression import (
     NoCompression,
     RoleAdaptiveCompression,
     SizeAdaptiveCompression,
-    Uniform8BitQuantization,
 )
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
@@ -41,6 +40,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from dalle_together.config import OptimConfig, RunConfig, SwarmConfig
 from dalle_together.errors import UserError
 from dalle_together.optim import build_optimizer, lr_multiplier
+from dalle_together.swarm import compression as fast_codecs
 from dalle_together.swarm.dht import signing_key
 
 Compression = Literal["none", "fp16", "8bit"]
@@ -48,10 +48,7 @@ Compression = Literal["none", "fp16", "8bit"]
 # Why state averaging at all (``SwarmConfig.average_state_every``): gradient averaging alone keeps
 # peers identical only while every peer joins every round without lossy compression; state
 # averaging pulls back peers that missed a round or drifted through 8-bit/fp16 rounding. Every 5
-# epochs costs 1/5 of the bandwidth of doing it every epoch. On a loaded 2-core machine with epochs
-# of 1-2 s (the 5-minute demo) some gradient and state rounds end half-done ("Reducer: received
-# 50% of input tensors": each peer got only its own half back); frequent state averaging is what
-# pulls the peers back together afterwards, so keep it frequent where epochs are short.
+# epochs costs 1/5 of the bandwidth of doing it every epoch.
 
 
 PROGRESS_REPORT_INTERVAL_S = 2.0
@@ -180,14 +177,20 @@ def progress_refresh_period(swarm: SwarmConfig) -> float:
 
 
 def averaging_compression(kind: Compression, threshold: int) -> CompressionBase:
-    """How tensors are compressed when averaged: ``8bit`` quantizes big tensors, fp16 small ones."""
+    """How tensors are compressed when averaged: ``8bit`` quantizes big tensors, fp16 small ones.
+
+    ``8bit`` is hivemind's uniform 8-bit quantisation with a faster codec (same bytes on the wire),
+    which this installs as this process's 8-bit decoder whatever ``kind`` is: peers choose their own
+    compression, and the others' 8-bit parts still arrive (see :mod:`dalle_together.swarm.compression`).
+    """
+    fast_codecs.install()
     if kind == "none":
         return NoCompression()
     if kind == "fp16":
         return Float16Compression()
     if kind == "8bit":
         return SizeAdaptiveCompression(
-            threshold=threshold, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+            threshold=threshold, less=Float16Compression(), greater_equal=fast_codecs.FAST_UNIFORM_8BIT
         )
     raise UserError(f"unknown compression {kind!r}; choose none, fp16 or 8bit")
 
@@ -292,6 +295,7 @@ def make_swarm_optimizer(
             matchmaking_time=swarm.matchmaking_time_s,
             averaging_timeout=swarm.averaging_timeout_s,
             allreduce_timeout=swarm.allreduce_timeout_s,
+            next_chunk_timeout=swarm.next_chunk_timeout_s,
             load_state_timeout=load_state_timeout_s,
             offload_optimizer=offload,
             delay_optimizer_step=delay_step,

@@ -34,6 +34,7 @@ import torch
 
 from dalle_together.config import RunConfig
 from dalle_together.errors import UserError
+from dalle_together.processes import remove_orphaned_shared_memory
 from dalle_together.swarm.definition import check_compatible, download_files, fetch_definition
 from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, start_dht
 from dalle_together.swarm.metrics import publish_metrics, read_status, withdraw_metrics
@@ -96,6 +97,9 @@ class VolunteerProgress:
     loss: float | None
     samples_total: int
     steps: int
+    waiting_share: float
+    """Share of the time since the last report spent in ``optimizer.step()`` (waiting for the
+    swarm: averaging, a delayed update, loading state) rather than computing."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -104,6 +108,8 @@ class VolunteerResult:
     final_epoch: int
     steps: int
     samples_total: int
+    waiting_share: float
+    """Share of the training time spent in ``optimizer.step()`` rather than computing."""
 
 
 def worker_index(peer_id: hivemind.PeerID) -> int:
@@ -127,6 +133,8 @@ def run_volunteer(
     """Join run ``options.run_id`` and train until ``stop`` is set or the budget is spent."""
     if options.batch_size is not None and options.batch_size <= 0:
         raise UserError("--batch-size must be positive")
+    if removed := remove_orphaned_shared_memory():
+        logger.info(f"deleted {removed} shared-memory files that killed peers left in /dev/shm")
     dht = start_dht(
         initial_peers=options.initial_peers,
         host_maddrs=options.host_maddrs,
@@ -192,6 +200,7 @@ def run_volunteer(
             final_epoch=optimizer.local_epoch,
             steps=trainer.steps,
             samples_total=trainer.samples_total,
+            waiting_share=trainer.waiting_s / max(trainer.training_s, 1e-9),
         )
     finally:
         _leave(dht, options.run_id, optimizer, said_hello=joined)
@@ -215,6 +224,7 @@ class _Trainer:
         self.dht, self.options, self.cfg, self.batch_size = dht, options, cfg, batch_size
         self.model, self.optimizer, self.batches, self.on_progress = model, optimizer, batches, on_progress
         self.steps = self.samples_total = 0
+        self.waiting_s = self.training_s = 0.0
         self.loss: float | None = None
         self.fingerprint = cfg.fingerprint()
         self.device = device_description(options.device)
@@ -224,7 +234,7 @@ class _Trainer:
         started = time.monotonic()
         deadline = started + options.minutes * 60 if options.minutes is not None else math.inf
         self._publish(samples_per_second=0.0)  # visible in `status` from the start
-        last_report, samples_at_last_report = started, 0
+        last_report, samples_at_last_report, waiting_at_last_report = started, 0, 0.0
         self.model.train()
         while not stop.is_set() and time.monotonic() < deadline:
             if options.steps is not None and self.steps >= options.steps:
@@ -232,16 +242,20 @@ class _Trainer:
             metrics = local_step(self.model, next(self.batches), self.optimizer, device=options.device)
             self.steps += 1
             self.samples_total += self.batch_size
+            self.waiting_s += metrics["optimizer_s"]
             loss = metrics["loss"]
             if math.isfinite(loss):
                 self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
             now = time.monotonic()
+            self.training_s = now - started
             if now - last_report >= options.report_every_s:
                 rate = (self.samples_total - samples_at_last_report) / (now - last_report)
+                waiting = (self.waiting_s - waiting_at_last_report) / (now - last_report)
                 last_report, samples_at_last_report = now, self.samples_total
-                self._report(rate)
+                waiting_at_last_report = self.waiting_s
+                self._report(rate, waiting)
 
-    def _report(self, samples_per_second: float) -> None:
+    def _report(self, samples_per_second: float, waiting_share: float) -> None:
         self._publish(samples_per_second)
         try:
             status = read_status(self.dht, self.options.run_id)
@@ -258,6 +272,7 @@ class _Trainer:
                 loss=self.loss,
                 samples_total=self.samples_total,
                 steps=self.steps,
+                waiting_share=waiting_share,
             )
         )
 
