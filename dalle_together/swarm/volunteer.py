@@ -133,8 +133,6 @@ def run_volunteer(
     """Join run ``options.run_id`` and train until ``stop`` is set or the budget is spent."""
     if options.batch_size is not None and options.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    if removed := remove_orphaned_shared_memory():
-        logger.info(f"deleted {removed} shared-memory files that killed peers left in /dev/shm")
     dht = start_dht(
         initial_peers=options.initial_peers,
         host_maddrs=options.host_maddrs,
@@ -142,6 +140,9 @@ def run_volunteer(
         client_mode=options.client_mode,
         record_validators=run_validators(options.run_id),
     )
+    # debug: a user's error (a run nobody serves, ...) must stay the one line they see
+    if removed := remove_orphaned_shared_memory():
+        logger.debug(f"deleted {removed} shared-memory files that killed peers left in /dev/shm")
     optimizer: hivemind.Optimizer | None = None
     joined = False
     try:
