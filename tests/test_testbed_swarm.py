@@ -24,7 +24,7 @@ RATE_MBIT = 20.0
 
 
 @pytest.mark.system
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_three_volunteers_on_capped_links_average_and_agree(trained_run, tmp_path):  # noqa: F811
     available, reason = testbed.testbed_available()
     if not available:
@@ -53,8 +53,12 @@ def test_three_volunteers_on_capped_links_average_and_agree(trained_run, tmp_pat
         assert all(samples > 0 for samples in contributed.values()), summary
         assert summary["epoch"] >= 3, summary
 
-        probe = swarm.probe(range(VOLUNTEERS))
-        same = probe["same_epoch"]
+        # a volunteer that fell behind (it missed a round and reloads the state) can keep the three
+        # from ever reporting the same epoch within one probe's budget: then probe once more
+        for _ in range(2):
+            probe = swarm.probe(range(VOLUNTEERS))
+            if (same := probe["same_epoch"]) is not None:
+                break
         assert same is not None, f"the volunteers never reported the same epoch: {probe['rounds']}"
         assert same["epoch"] >= 3, probe
         # one optimizer step moves the weights by about lr; fp16 averaging's rounding by far less
