@@ -36,6 +36,7 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
+    "bench_codec": Benchmark(quick=["--repeats", "10"], full=[]),
     "bench_kv_cache": Benchmark(
         quick=["--batch-size", "1", "16", "64"], full=["--batch-size", "1", "16", "64"]
     ),

@@ -171,6 +171,9 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the run")
     parser.add_argument("--warmup-steps", type=int, default=30, help="learning-rate warm-up, in epochs")
+    parser.add_argument(
+        "--total-steps", type=int, default=None, help="cosine schedule length, in epochs (default: estimated)"
+    )
     parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds to form a group")
     parser.add_argument("--checkpoint-every-epochs", type=int, default=100)
     parser.add_argument(
@@ -206,7 +209,7 @@ def main() -> None:
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 "--target-batch-size", str(args.target_batch_size),
                 "--warmup-steps", str(args.warmup_steps),
-                "--total-steps", str(_expected_epochs(args)),
+                "--total-steps", str(args.total_steps or _expected_epochs(args)),
                 "--lr", str(args.lr),
                 "--matchmaking-time", str(args.matchmaking_time),
                 "--checkpoint-every-epochs", str(args.checkpoint_every_epochs),

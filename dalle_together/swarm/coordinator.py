@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import hivemind
 import torch
 
 from dalle_together.checkpoint import (
@@ -264,7 +266,7 @@ def run_coordinator(
             saver.join(timeout=90.0)
         if checkpointer is not None:
             if options.save_on_exit and saver is not None and not saver.is_alive():
-                _final_save(checkpointer)
+                _final_save(checkpointer, dht, options.run_id)
             checkpointer.shutdown()
         dht.shutdown()
 
@@ -278,8 +280,13 @@ def _keep_saving(checkpointer: SwarmCheckpointer, stop: threading.Event, poll_s:
             logger.warning(f"saving a checkpoint failed ({type(e).__name__}: {e}); will retry")
 
 
-def _final_save(checkpointer: SwarmCheckpointer) -> None:
-    if checkpointer.global_epoch <= checkpointer.last_saved_epoch:
+def _final_save(checkpointer: SwarmCheckpointer, dht: hivemind.DHT, run_id: str) -> None:
+    # the auxiliary peer's tracker refreshes its view of the swarm every few seconds, so it may not
+    # know yet that a volunteer has just finished an epoch: the volunteers' own records are newer
+    newest = checkpointer.global_epoch
+    with contextlib.suppress(Exception):  # a DHT that is already failing: go by the tracker
+        newest = max(newest, read_status(dht, run_id).global_epoch)
+    if newest <= checkpointer.last_saved_epoch:
         return
     logger.info("saving the swarm's latest state before stopping")
     try:
