@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from hivemind.compression import CompressionInfo
 from hivemind.compression.quantization import Uniform8BitQuantization
 
 from dalle_together.swarm.compression import FastUniform8BitQuantization
@@ -42,7 +43,8 @@ def main() -> None:
 
     tensor = torch.randn(args.values, generator=torch.Generator().manual_seed(0)) * 1e-3
     stock, fast = Uniform8BitQuantization(), FastUniform8BitQuantization()
-    stock_msg, fast_msg = stock.compress(tensor), fast.compress(tensor)
+    info = CompressionInfo.from_tensor(tensor, key=0)
+    stock_msg, fast_msg = stock.compress(tensor, info), fast.compress(tensor, info)
     same_size = len(stock_msg.buffer) == len(fast_msg.buffer)
     cross = torch.equal(stock.extract(fast_msg), fast.extract(fast_msg)) and torch.equal(
         fast.extract(stock_msg), stock.extract(stock_msg)
@@ -52,7 +54,7 @@ def main() -> None:
     for _ in range(3):  # interleaved rounds: machine noise hits both codecs alike
         for name, codec, msg in (("hivemind", stock, stock_msg), ("dalle-together", fast, fast_msg)):
             rows[name]["encode"].append(
-                _median_ns_per_value(lambda c=codec: c.compress(tensor), args.repeats, args.values)
+                _median_ns_per_value(lambda c=codec: c.compress(tensor, info), args.repeats, args.values)
             )
             rows[name]["decode"].append(
                 _median_ns_per_value(lambda c=codec, m=msg: c.extract(m), args.repeats, args.values)

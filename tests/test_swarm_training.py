@@ -16,6 +16,7 @@ import torch
 
 from dalle_together.config import RunConfig, preset
 from dalle_together.errors import UserError
+from dalle_together.swarm import optimizer as swarm_optimizer
 from dalle_together.swarm.checkpointer import SwarmCheckpointer
 from dalle_together.swarm.dht import visible_maddrs
 from dalle_together.swarm.metrics import read_status
@@ -103,8 +104,9 @@ def train_together(models, optimizers, *, epochs: int, deadline_s: float) -> lis
 
 @pytest.mark.system
 @pytest.mark.timeout(150)
-def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer):
+def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer, monkeypatch):
     run, cfg, epochs = "train-test", swarm_cfg(), 3
+    monkeypatch.setattr(swarm_optimizer, "SHARED_STATE_MIN_NUMEL", 1)  # this model's tensors are tiny
     first = start_peer(run)
     second = start_peer(run, initial_peers=visible_maddrs(first))
     models = [mlp(seed=0), mlp(seed=0)]
@@ -116,6 +118,12 @@ def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer):
         )
         start_peer.on_shutdown(opt.shutdown)
         optimizers.append(opt)
+        # what the training process rewrites lives in shared memory: hivemind's forked averager
+        # processes would otherwise each keep a stale copy-on-write copy of it
+        assert all(p.is_shared() for p in model.parameters())
+        assert all(a.is_shared() for a in opt.grad_averager._local_accumulators)
+        statistics = [v for st in opt.state_averager.optimizer.state.values() for v in st.values()]
+        assert statistics and all(v.is_shared() for v in statistics if v.numel() > 1)
 
     log = train_together(models, optimizers, epochs=epochs, deadline_s=90)
 

@@ -169,6 +169,63 @@ class SwarmOptimizer(hivemind.Optimizer):
             super()._maybe_schedule_state_averaging()
 
 
+class SharedAccumulatorsGradientAverager(GradientAverager):
+    """hivemind's ``GradientAverager`` with its gradient accumulators in shared memory.
+
+    hivemind forks the averager's process after allocating the accumulators; the training process
+    then rewrites them at every local step, and copy-on-write leaves the averager's process holding
+    a private copy of the pages as they were at the fork: a model's worth of gradients per CPU
+    volunteer that nobody reads. Shared pages are not copied on write.
+    """
+
+    def __init__(self, *args: Any, start: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, start=False, **kwargs)
+        for accumulator in self._local_accumulators or ():
+            if accumulator.device.type == "cpu":
+                accumulator.share_memory_()
+        if start:
+            self.run_in_background(await_ready=True)
+
+
+def share_cpu_parameters(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]) -> None:
+    """Move CPU parameters into shared memory before hivemind forks its averagers' processes, for
+    the reason given in :class:`SharedAccumulatorsGradientAverager` (the optimizer rewrites them every
+    epoch: each of a volunteer's two averager processes would end up with a stale copy)."""
+    for item in params:
+        for param in item["params"] if isinstance(item, dict) else [item]:
+            if param.device.type == "cpu" and not param.is_shared():
+                param.share_memory_()
+
+
+SHARED_STATE_MIN_NUMEL = 4096
+"""Optimizer statistics at least this big move to shared memory (smaller ones aren't worth a file)."""
+
+
+def build_shared_state_optimizer(params: Any, *, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The run's optimizer, whose CPU statistics move to shared memory after each step.
+
+    hivemind creates the offloaded optimizer's statistics (Adam's two moments: two models' worth)
+    with a first step, then forks the state averager's process, then the gradient averager's; the
+    training process rewrites the statistics every epoch, and copy-on-write would leave the two
+    averager processes holding a stale copy of them (see :class:`SharedAccumulatorsGradientAverager`).
+    """
+    optimizer = build_optimizer(params, cfg=cfg)
+    optimizer.register_step_post_hook(_share_cpu_statistics)
+    return optimizer
+
+
+def _share_cpu_statistics(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for state in optimizer.state.values():
+        for value in state.values():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.device.type == "cpu"
+                and value.numel() >= SHARED_STATE_MIN_NUMEL
+                and not value.is_shared()
+            ):
+                value.share_memory_()
+
+
 def progress_refresh_period(swarm: SwarmConfig) -> float:
     """Shortest wait between two reads of the swarm's progress: a fifth of the matchmaking window,
     hivemind's 0.5 s at most. Short matchmaking means short epochs, where the overshoot past the
@@ -281,6 +338,7 @@ def make_swarm_optimizer(
     kind = compression if compression is not None else swarm.compression
     averaging = averaging_compression(kind, swarm.size_adaptive_threshold)
     params = list(param_groups) if param_groups is not None else default_param_groups(model, cfg.optim)
+    share_cpu_parameters(params)
 
     _pace_group_queries()
     with _keeping_sigint_handler():
@@ -290,7 +348,7 @@ def make_swarm_optimizer(
             target_batch_size=cfg.optim.target_batch_size,
             batch_size_per_step=batch_size_per_step,
             params=params,
-            optimizer=partial(build_optimizer, cfg=cfg.optim),
+            optimizer=partial(build_shared_state_optimizer, cfg=cfg.optim),
             scheduler=partial(_make_scheduler, cfg=cfg.optim),
             matchmaking_time=swarm.matchmaking_time_s,
             averaging_timeout=swarm.averaging_timeout_s,
@@ -322,7 +380,7 @@ def make_swarm_optimizer(
             # every tensor of every all-reduce (dozens of signed stores per epoch)
             averager_opts=dict(request_timeout=request_timeout),
             grad_averager_factory=partial(
-                GradientAverager, request_timeout=request_timeout, allow_state_sharing=False
+                SharedAccumulatorsGradientAverager, request_timeout=request_timeout, allow_state_sharing=False
             ),
             verbose=verbose,
         )
