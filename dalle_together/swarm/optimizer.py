@@ -180,21 +180,30 @@ class SharedAccumulatorsGradientAverager(GradientAverager):
 
     def __init__(self, *args: Any, start: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, start=False, **kwargs)
-        for accumulator in self._local_accumulators or ():
-            if accumulator.device.type == "cpu":
-                accumulator.share_memory_()
+        share_cpu_tensors(self._local_accumulators or ())
         if start:
             self.run_in_background(await_ready=True)
 
 
+def share_cpu_tensors(tensors: Iterable[Any], min_numel: int = 1) -> None:
+    """Move the CPU tensors among ``tensors`` with at least ``min_numel`` values into shared memory
+    (in place), for the reason given in :class:`SharedAccumulatorsGradientAverager`."""
+    for tensor in tensors:
+        if (
+            isinstance(tensor, torch.Tensor)
+            and tensor.device.type == "cpu"
+            and tensor.numel() >= min_numel
+            and not tensor.is_shared()
+        ):
+            tensor.share_memory_()
+
+
 def share_cpu_parameters(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]) -> None:
-    """Move CPU parameters into shared memory before hivemind forks its averagers' processes, for
-    the reason given in :class:`SharedAccumulatorsGradientAverager` (the optimizer rewrites them every
-    epoch: each of a volunteer's two averager processes would end up with a stale copy)."""
+    """Move CPU parameters into shared memory before hivemind forks its averagers' processes (the
+    optimizer rewrites them every epoch: each of a volunteer's two averager processes would end up
+    with a stale copy)."""
     for item in params:
-        for param in item["params"] if isinstance(item, dict) else [item]:
-            if param.device.type == "cpu" and not param.is_shared():
-                param.share_memory_()
+        share_cpu_tensors(item["params"] if isinstance(item, dict) else [item])
 
 
 SHARED_STATE_MIN_NUMEL = 4096
@@ -202,28 +211,23 @@ SHARED_STATE_MIN_NUMEL = 4096
 
 
 def build_shared_state_optimizer(params: Any, *, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The run's optimizer, whose CPU statistics move to shared memory after each step.
+    """The run's optimizer, whose CPU statistics move to shared memory after its first step.
 
     hivemind creates the offloaded optimizer's statistics (Adam's two moments: two models' worth)
     with a first step, then forks the state averager's process, then the gradient averager's; the
     training process rewrites the statistics every epoch, and copy-on-write would leave the two
     averager processes holding a stale copy of them (see :class:`SharedAccumulatorsGradientAverager`).
+    Only pages that exist at a fork are copied on write, so this is needed once, not every epoch.
     """
     optimizer = build_optimizer(params, cfg=cfg)
-    optimizer.register_step_post_hook(_share_cpu_statistics)
+
+    def share_statistics_once(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        hook.remove()
+        for state in opt.state.values():
+            share_cpu_tensors(state.values(), min_numel=SHARED_STATE_MIN_NUMEL)
+
+    hook = optimizer.register_step_post_hook(share_statistics_once)
     return optimizer
-
-
-def _share_cpu_statistics(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for state in optimizer.state.values():
-        for value in state.values():
-            if (
-                isinstance(value, torch.Tensor)
-                and value.device.type == "cpu"
-                and value.numel() >= SHARED_STATE_MIN_NUMEL
-                and not value.is_shared()
-            ):
-                value.share_memory_()
 
 
 def progress_refresh_period(swarm: SwarmConfig) -> float:
