@@ -6,7 +6,9 @@ Each peer is a process in its own testbed host (network namespace, link capped w
 100 Mbit/s by default), with its own DHT (all bootstrap from peer 0) and one hivemind
 ``DecentralizedAverager``: the all-reduce that ``hivemind.Optimizer`` runs for dalle-together,
 with the compression ``dalle_together.swarm.optimizer.averaging_compression`` builds (``8bit``:
-8-bit uniform quantisation of tensors from ``size_adaptive_threshold`` elements, fp16 below).
+8-bit uniform quantisation of tensors from ``size_adaptive_threshold`` elements, fp16 below)
+and the state-donor declarations of ``QuietDeclarationsMixin`` (``--hivemind-declarations``:
+hivemind's own, which re-store the peer's DHT record after every tensor of every round).
 
 The tensors are shaped like a transformer's (per layer of width 1024: qkv, output, MLP matrices,
 biases, layer norms): 2 layers = 25.2M parameters, 8 layers = 100.7M; each peer's values are
@@ -94,6 +96,7 @@ class PeerSpec:
     initial_peer: str | None
     part_size_bytes: int
     threshold: int
+    hivemind_declarations: bool = False
 
 
 def peer_tensor(spec: PeerSpec, peer: int, k: int, shape: tuple[int, ...]):
@@ -112,7 +115,7 @@ def run_peer(spec: PeerSpec) -> None:
     import torch
     from hivemind.averaging.control import AveragingStage
 
-    from dalle_together.swarm.optimizer import averaging_compression
+    from dalle_together.swarm.optimizer import QuietDeclarationsMixin, averaging_compression
 
     torch.set_num_threads(1)
     shapes = model_shapes(spec.size)
@@ -122,7 +125,10 @@ def run_peer(spec: PeerSpec) -> None:
         host_maddrs=[f"/ip4/{spec.address}/tcp/0"],
         initial_peers=[spec.initial_peer] if spec.initial_peer else [],
     )
-    averager = hivemind.averaging.DecentralizedAverager(
+    averager_class = hivemind.averaging.DecentralizedAverager
+    if not spec.hivemind_declarations:
+        averager_class = type("Averager", (QuietDeclarationsMixin, averager_class), {})
+    averager = averager_class(
         tensors,
         dht,
         start=True,
@@ -181,14 +187,24 @@ def relative_error(spec: PeerSpec, averager, shapes: list[tuple[int, ...]]) -> f
 
 def measure(
     tb, *, size: str, compression: str, rounds: int, rate_mbit: float, part_size_bytes: int,
-    threshold: int, quantization_threads: int, logs: Path,
+    threshold: int, quantization_threads: int, logs: Path, hivemind_declarations: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One setting: start the peers, run ``rounds`` timed all-reduces, stop the peers."""
     n = len(tb.hosts)
     peers: list[PeerProcess] = []
 
     def start(i: int, host, initial_peer: str | None) -> PeerProcess:
-        spec = PeerSpec(i, n, size, compression, host.address, initial_peer, part_size_bytes, threshold)
+        spec = PeerSpec(
+            i,
+            n,
+            size,
+            compression,
+            host.address,
+            initial_peer,
+            part_size_bytes,
+            threshold,
+            hivemind_declarations,
+        )
         peer = PeerProcess.spawn(
             host, "benchmarks.bench_averaging", ["--peer", json.dumps(asdict(spec))],
             log=logs / f"{size}-{compression}-n{n}-p{i}.log",
@@ -234,6 +250,7 @@ def measure(
         "size": size,
         "params": sum(numel(s) for s in model_shapes(size)),
         "compression": compression,
+        "hivemind_declarations": hivemind_declarations,
         "peers": n,
         "rate_mbit": rate_mbit,
         "rounds": rounds,
@@ -308,6 +325,12 @@ def main() -> None:
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--part-size-bytes", type=int, default=2**19, help="hivemind's default: 512 KiB")
     parser.add_argument("--quantization-threads", type=int, default=1)
+    parser.add_argument(
+        "--hivemind-declarations",
+        action="store_true",
+        help="declare each peer a state donor as hivemind 1.1.12 does (again after every tensor of every "
+        "round), not as dalle-together does (when the declaration changes)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, default=Path("runs/bench/bench_averaging.md"))
     parser.add_argument("--plot", type=Path, default=Path("runs/bench/bench_averaging.png"))
@@ -338,6 +361,7 @@ def main() -> None:
                             tb, size=size, compression=compression, rounds=rounds, rate_mbit=args.rate_mbit,
                             part_size_bytes=args.part_size_bytes, threshold=threshold,
                             quantization_threads=args.quantization_threads, logs=Path(logs),
+                            hivemind_declarations=args.hivemind_declarations,
                         )  # fmt: skip
                         results.append(result)
                         print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}), flush=True)

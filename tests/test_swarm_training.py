@@ -124,6 +124,7 @@ def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer, monkeyp
         assert all(a.is_shared() for a in opt.grad_averager._local_accumulators)
         statistics = [v for st in opt.state_averager.optimizer.state.values() for v in st.values()]
         assert statistics and all(v.is_shared() for v in statistics if v.numel() > 1)
+        assert isinstance(opt.state_averager, swarm_optimizer.QuietTrainingStateAverager)
 
     log = train_together(models, optimizers, epochs=epochs, deadline_s=90)
 
@@ -288,3 +289,69 @@ def test_option_combinations_hivemind_rejects_are_user_errors(swarm, message):
             client_mode=True,
             auxiliary=True,
         )
+
+
+def _declaration(dht, prefix: str, averager):
+    """(value, expiration) of ``averager``'s "state donor" record in the DHT, or None."""
+    found = dht.get(f"{prefix}.all_averagers", latest=True)
+    entry = found.value.get(averager.peer_id.to_bytes()) if found is not None else None
+    return None if entry is None else (entry.value, entry.expiration_time)
+
+
+def _wait_for(condition, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return result
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("quiet", [True, False], ids=["ours", "hivemind"])
+def test_an_all_reduce_does_not_re_declare_the_state_donor(start_peer, quiet):
+    """hivemind re-stores an averager's unchanged donor record after every tensor of every all-reduce;
+    ours only when sharing or priority change (the hivemind row shows the test would see it)."""
+    from hivemind.averaging import DecentralizedAverager
+
+    from dalle_together.swarm.optimizer import QuietDeclarationsMixin
+
+    cls = (
+        type("QuietAverager", (QuietDeclarationsMixin, DecentralizedAverager), {})
+        if quiet
+        else DecentralizedAverager
+    )
+    run = "declare-test"
+    prefix = f"{run}_state_averager"
+    dhts = [start_peer(run)]
+    dhts.append(start_peer(run, initial_peers=visible_maddrs(dhts[0])))
+    averagers = []
+    for i, dht in enumerate(dhts):
+        tensors = [torch.full((16,), float(i)) for _ in range(24)]  # as many as the benchmark's model
+        averager = cls(
+            tensors, dht, prefix=prefix, start=True, target_group_size=2, min_matchmaking_time=1.0,
+            request_timeout=0.5, declare_state_period=60.0,
+        )  # fmt: skip
+        start_peer.on_shutdown(averager.shutdown)
+        averagers.append(averager)
+    first = averagers[0]
+    before = _wait_for(lambda: _declaration(dhts[0], prefix, first))
+    time.sleep(1.0)  # so that a re-declaration would carry a later expiration
+
+    controls = [a.step(wait=False, timeout=30) for a in averagers]
+    for control in controls:
+        control.result(timeout=60)
+    with first.get_tensors() as tensors:
+        assert all(torch.allclose(t, torch.full((16,), 0.5)) for t in tensors)  # they did average
+    time.sleep(1.0)
+    after = _declaration(dhts[0], prefix, first)
+    if quiet:
+        assert after == before
+    else:
+        assert after[1] > before[1]
+
+    # what others choose donors by still goes out at once
+    first.state_sharing_priority = 7.0
+    assert _wait_for(lambda: (d := _declaration(dhts[1], prefix, first)) and d[0] == 7.0)
+    first.allow_state_sharing = False
+    assert _wait_for(lambda: (d := _declaration(dhts[1], prefix, first)) and d[0] is None)
