@@ -6,7 +6,7 @@ for the codebook) and 3.6 ns per value to decode (the uint8 indices are widened 
 codebook lookup), on one core of this 2-core machine (``python -m benchmarks.bench_codec``). One all-reduce round encodes and decodes every value about
 twice, and where peers share cores (or a volunteer's core is busy training) the codec's CPU
 time adds to the round's (BENCHMARKS.md, "Averaging vs the all-reduce bound": 4 peers on 2 cores,
-1.67x the bound before, 1.43x after).
+1.67x the bound before, 1.43-1.45x after).
 
 ``FastUniform8BitQuantization`` computes the same thing - indices of a uniform grid 6 standard
 deviations wide around the mean, and a codebook holding each bucket's mean value - with bincounts
