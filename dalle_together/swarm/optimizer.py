@@ -198,7 +198,8 @@ class QuietDeclarationsMixin:
     ``_run_allreduce_inplace_`` wakes the declaring loop after each in-place update): for a
     24-tensor model, 24 DHT stores per round, each through the DHT's process to the peers keeping
     the record, while the all-reduce needs that CPU. 8-bit averaging of 25M parameters over 4 peers
-    on this 2-core machine: 7.2 CPU-s a round with them, 6.4 without (BENCHMARKS.md).
+    on this 2-core machine: 6.9-7.8 CPU-s a round and 1.42-1.44x the all-reduce bound with them,
+    6.0 CPU-s and 1.30-1.33x without (BENCHMARKS.md, "Averaging vs the all-reduce bound").
     """
 
     async def _declare_for_download_periodically(self) -> None:
