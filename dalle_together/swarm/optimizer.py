@@ -192,7 +192,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
 class QuietDeclarationsMixin:
     """For a hivemind averager: declare this peer a state donor in the DHT only when the declaration
-    changes (sharing switched on or off, a new priority) or is about to expire.
+    changes (sharing switched on or off, a new priority) or expires (when hivemind, idle, renews it).
 
     hivemind 1.1.12 re-stores the same declaration after every tensor of every all-reduce (its
     ``_run_allreduce_inplace_`` wakes the declaring loop after each in-place update): for a
