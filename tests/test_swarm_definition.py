@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
+from google.protobuf.wrappers_pb2 import BytesValue, StringValue
 
 from dalle_together.config import preset
 from dalle_together.errors import UserError
@@ -75,6 +77,46 @@ def test_joiner_fetches_the_definition_and_verified_files(start_peer, tokenizer_
         .read_text()
         .endswith("666}")
     )
+
+
+_STREAMS_SERVED: dict[str, int] = {}  # file name -> streams opened for it, in the serving DHT's process
+
+
+async def _cut_the_first_stream(request: StringValue, _context, *, served: dict[str, str]):
+    """Serve a file, except that each file's first stream ends before its first chunk: what the
+    client sees when the network drops the connection (hivemind's client ends the stream quietly)."""
+    _STREAMS_SERVED[request.value] = _STREAMS_SERVED.get(request.value, 0) + 1
+    if _STREAMS_SERVED[request.value] > 1:
+        yield BytesValue(value=Path(served[request.value]).read_bytes())
+
+
+async def _serve_flakily(_dht, node, *, protocol: str, served: dict[str, str]) -> None:
+    handler = partial(_cut_the_first_stream, served=served)
+    await node.p2p.add_protobuf_handler(protocol, handler, StringValue, stream_output=True)
+
+
+async def _streams_served(_dht, _node) -> dict[str, int]:
+    return dict(_STREAMS_SERVED)
+
+
+@pytest.mark.timeout(60)
+def test_a_download_cut_short_is_tried_again(start_peer, tokenizer_files, tmp_path):
+    coordinator = start_peer(RUN)
+    joiner = start_peer(RUN, initial_peers=visible_maddrs(coordinator), client_mode=True)
+    definition = publish_definition(coordinator, RUN, preset("tiny"), tokenizer_files, expiration_s=60)
+    flaky = dataclasses.replace(definition, protocol=definition.protocol + ".flaky")
+    served = {name: str(path) for name, path in tokenizer_files.items()}
+    coordinator.run_coroutine(partial(_serve_flakily, protocol=flaky.protocol, served=served))
+
+    paths = download_files(joiner, flaky, tmp_path / "cache")
+    for name, path in paths.items():
+        assert path.read_bytes() == tokenizer_files[name].read_bytes()
+    # the files with content came on the second try; the empty one's first, empty stream was right
+    assert coordinator.run_coroutine(_streams_served) == {
+        "vqvae.safetensors": 2,
+        "vqvae.json": 2,
+        "text_tokenizer.json": 1,
+    }
 
 
 @pytest.mark.timeout(60)

@@ -40,6 +40,10 @@ from dalle_together.swarm.records import FILE_NAME_REGEX, DefinitionRecord, File
 logger = get_logger(__name__)
 
 CHUNK_BYTES = 1 << 20
+DOWNLOAD_ATTEMPTS = 3
+"""A file's download is tried this many times (1 s, then 2 s apart): a stream the network cuts ends,
+for hivemind's client, like a complete one (it stops reading at the connection's end, without an
+error), so a short file is as likely a dropped connection as a bad coordinator."""
 PEER_LOCAL_OPTIONS = frozenset({"optim.batch_size", "swarm.offload_optimizer", "swarm.compression"})
 """Options a volunteer may set for itself; every other option must match the run's definition.
 
@@ -301,7 +305,8 @@ def download_files(
     """Make sure ``dest_dir`` holds the run's files with the published hashes; return name -> path.
 
     Files already there with the right hash are kept; others are downloaded from the coordinator,
-    checked, and only then moved into place. ``timeout_s`` bounds each file's download.
+    checked, and only then moved into place; a failed or mismatching download is tried again
+    (:data:`DOWNLOAD_ATTEMPTS`). ``timeout_s`` bounds each attempt.
     :raises UserError: the coordinator cannot be reached, or a file does not match its hash.
     """
     dest_dir = Path(dest_dir)
@@ -315,32 +320,47 @@ def download_files(
             out[entry.name] = dest
             continue
         with atomic_path(dest) as tmp:
-            future = dht.run_coroutine(
-                partial(
-                    _download_file,
-                    peer_id=definition.server_peer_id,
-                    protocol=definition.protocol,
-                    name=entry.name,
-                    dest=str(tmp),
-                    timeout_s=timeout_s,
-                ),
-                return_future=True,
-            )
-            try:
-                future.result(timeout=timeout_s + 5.0)
-            except Exception as e:
-                future.cancel()
-                reason = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-                raise UserError(
-                    f"could not download {entry.name} of run {definition.run_id!r} from its coordinator "
-                    f"({definition.server_peer_id}): {reason}"
-                ) from None
-            size, digest = tmp.stat().st_size, sha256_file(tmp)
-            if size != entry.size or digest != entry.sha256:
-                raise UserError(
-                    f"{entry.name} from the coordinator does not match the run's definition (size {size} "
-                    f"vs {entry.size}, sha256 {digest[:12]}... vs {entry.sha256[:12]}...); refusing to use it"
-                )
+            for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+                problem = _download_once(dht, definition, entry, tmp, timeout_s)
+                if problem is None:
+                    break
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    raise UserError(problem)
+                logger.warning(f"{problem}; trying again ({attempt} of {DOWNLOAD_ATTEMPTS} attempts)")
+                time.sleep(attempt)
         out[entry.name] = dest
         logger.info(f"downloaded {entry.name} ({entry.size} bytes) for run {definition.run_id!r}")
     return out
+
+
+def _download_once(
+    dht: hivemind.DHT, definition: RunDefinition, entry: FileEntry, tmp: Path, timeout_s: float
+) -> str | None:
+    """Download ``entry`` into ``tmp``; None if it arrived whole, else what went wrong."""
+    future = dht.run_coroutine(
+        partial(
+            _download_file,
+            peer_id=definition.server_peer_id,
+            protocol=definition.protocol,
+            name=entry.name,
+            dest=str(tmp),
+            timeout_s=timeout_s,
+        ),
+        return_future=True,
+    )
+    try:
+        future.result(timeout=timeout_s + 5.0)
+    except Exception as e:
+        future.cancel()
+        reason = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+        return (
+            f"could not download {entry.name} of run {definition.run_id!r} from its coordinator "
+            f"({definition.server_peer_id}): {reason}"
+        )
+    size, digest = tmp.stat().st_size, sha256_file(tmp)
+    if size != entry.size or digest != entry.sha256:
+        return (
+            f"{entry.name} from the coordinator does not match the run's definition (size {size} "
+            f"vs {entry.size}, sha256 {digest[:12]}... vs {entry.sha256[:12]}...); refusing to use it"
+        )
+    return None
