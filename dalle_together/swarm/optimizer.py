@@ -194,8 +194,8 @@ class QuietDeclarationsMixin(KeepsHivemindWireNames):
     6.0 CPU-s and 1.30-1.33x without (BENCHMARKS.md, "Averaging vs the all-reduce bound").
 
     Used by ``benchmarks.bench_averaging``. Not yet by the swarm's state averager: with it, the
-    testbed's three-volunteer test failed in two of three runs (a volunteer stuck at an old epoch), not
-    understood yet. The swarm's gradient averager, whose all-reduce runs every epoch, shares no state
+    testbed's three-volunteer test failed in two of three runs (a volunteer stuck at an old epoch),
+    but it failed once without it too, so the cause is open. The swarm's gradient averager, whose all-reduce runs every epoch, shares no state
     and so never declares.
     """
 
