@@ -364,3 +364,65 @@ def test_our_averagers_speak_hivemind_s_protocols():
     ours = type("Averager", (swarm_optimizer.QuietDeclarationsMixin, DecentralizedAverager), {})
     for method in ("rpc_download_state", "rpc_aggregate_part", "rpc_join_group"):
         assert ours._get_handle_name("run", method) == DecentralizedAverager._get_handle_name("run", method)
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+def test_our_gradient_averager_averages_with_hivemind_s(start_peer):
+    """A volunteer running hivemind's own GradientAverager joins our volunteers' gradient rounds."""
+    from hivemind.optim.grad_averager import GradientAverager
+
+    from dalle_together.swarm.optimizer import SharedAccumulatorsGradientAverager
+
+    run = "wire-test"
+    dhts = [start_peer(run)]
+    dhts.append(start_peer(run, initial_peers=visible_maddrs(dhts[0])))
+    averagers = []
+    for i, (cls, dht) in enumerate(
+        zip((SharedAccumulatorsGradientAverager, GradientAverager), dhts, strict=True)
+    ):
+        param = torch.nn.Parameter(torch.zeros(8))
+        param.grad = torch.full((8,), float(i))
+        averager = cls(
+            [param], dht=dht, prefix=f"{run}_grad_averager", start=True, target_group_size=2,
+            min_matchmaking_time=1.0, request_timeout=0.5,
+        )  # fmt: skip
+        start_peer.on_shutdown(averager.shutdown)
+        averager.accumulate_grads_(batch_size=1)
+        averagers.append(averager)
+    controls = [a.step(wait=False, timeout=20) for a in averagers]
+    for control in controls:
+        control.result(timeout=60)
+    for averager in averagers:
+        with averager.get_tensors() as (averaged,):
+            assert torch.allclose(averaged, torch.full((8,), 0.5))
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bounded", [True, False], ids=["ours", "hivemind"])
+def test_a_state_round_without_a_group_gives_up_after_two_matchmaking_times(start_peer, bounded):
+    """hivemind keeps a peer that found no group for its state averaging looking until the averaging
+    timeout, and the peer's next optimizer step waits for it; ours gives up after two matchmaking
+    times (the hivemind row shows the test would see the difference)."""
+    from functools import partial
+
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    from dalle_together.swarm.optimizer import STATE_ROUND_PATIENCE, BoundedStateRoundsAverager
+
+    matchmaking_s, timeout_s = 1.0, 12.0
+    cls = BoundedStateRoundsAverager if bounded else TrainingStateAverager
+    averager = cls(
+        dht=start_peer("lonely"), prefix="lonely_state_averager", params=[torch.nn.Parameter(torch.zeros(4))],
+        optimizer=partial(torch.optim.SGD, lr=0.1), min_matchmaking_time=matchmaking_s, request_timeout=0.5,
+        start=True,
+    )  # fmt: skip
+    start_peer.on_shutdown(averager.shutdown)
+    started = time.monotonic()
+    averager.step(averaging_round=True, averaging_opts=dict(timeout=timeout_s))  # alone: no group to find
+    took = time.monotonic() - started
+    if bounded:
+        assert took < STATE_ROUND_PATIENCE * matchmaking_s + 4.0, took  # 4 s for a busy machine
+    else:
+        assert took >= timeout_s - 0.5, took

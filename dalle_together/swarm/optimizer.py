@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import hivemind
 import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.key_manager import GroupKeyManager
 from hivemind.compression import (
     CompressionBase,
@@ -36,6 +38,7 @@ from hivemind.compression import (
 )
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import get_dht_time
 
 from dalle_together.config import OptimConfig, RunConfig, SwarmConfig
@@ -158,6 +161,24 @@ class SwarmOptimizer(hivemind.Optimizer):
             **kwargs,
         )
 
+    def _make_state_averager(self, **kwargs) -> TrainingStateAverager:
+        # hivemind 1.1.12's arguments, with our class
+        return BoundedStateRoundsAverager(
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
+
     def _alone(self) -> bool:
         return self.tracker.global_progress.num_peers <= 1
 
@@ -182,6 +203,60 @@ class KeepsHivemindWireNames:
         return hivemind_class._get_handle_name(namespace, method_name)
 
 
+STATE_ROUND_PATIENCE = 2.0
+"""A state-averaging round looks for a group for at most this many matchmaking times."""
+
+
+class BoundedStateRoundsAverager(KeepsHivemindWireNames, TrainingStateAverager):
+    """hivemind's ``TrainingStateAverager`` whose state-averaging rounds stop looking for a group
+    after :data:`STATE_ROUND_PATIENCE` matchmaking times instead of hivemind's averaging timeout.
+
+    hivemind 1.1.12 starts a state round's matchmaking in the background right after the epoch's
+    transition and makes the next optimizer step wait for that round (for up to the all-reduce
+    timeout). A peer that loses the race for a group (two of three formed one without it) keeps
+    looking, alone, for the whole averaging timeout: its next step stalls for the all-reduce timeout,
+    its next gradient round stalls its groupmates, and with epochs shorter than that it falls out
+    of sync and downloads the state again. Seen in the testbed (3 volunteers, 20 Mbit/s, epochs of
+    5-10 s): a 15 s stall at every state-averaging epoch some peer lost. Groups form within one
+    matchmaking time of the last peer's transition; a round that found none by then skips this
+    state averaging (the next comes ``average_state_every`` epochs later).
+    """
+
+    def _do(
+        self,
+        wait_for_trigger: Any,
+        optimizer_step: bool,
+        zero_grad: bool,
+        averaging_round: bool,
+        averaging_control: StepControl | None,
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # hivemind's _do would start the round itself with ``timeout`` as the matchmaking deadline;
+        # handed a started round, it only triggers it, and still waits up to ``timeout`` for the result
+        if averaging_round and averaging_control is None:
+            patience = STATE_ROUND_PATIENCE * self.matchmaking_kwargs["min_matchmaking_time"]
+            averaging_control = DecentralizedAverager.step(
+                self,
+                gather=self.local_epoch,
+                require_trigger=True,
+                timeout=patience if timeout is None else min(timeout, patience),
+                wait=False,
+                **kwargs,
+            )
+        super()._do(
+            wait_for_trigger,
+            optimizer_step,
+            zero_grad,
+            averaging_round,
+            averaging_control,
+            *args,
+            timeout=timeout,
+            **kwargs,
+        )
+
+
 class QuietDeclarationsMixin(KeepsHivemindWireNames):
     """For a hivemind averager: declare this peer a state donor in the DHT only when the declaration
     changes (sharing switched on or off, a new priority) or expires (when hivemind, idle, renews it).
@@ -193,10 +268,11 @@ class QuietDeclarationsMixin(KeepsHivemindWireNames):
     on this 2-core machine: 6.9-7.8 CPU-s a round and 1.42-1.44x the all-reduce bound with them,
     6.0 CPU-s and 1.30-1.33x without (BENCHMARKS.md, "Averaging vs the all-reduce bound").
 
-    Used by ``benchmarks.bench_averaging``. Not yet by the swarm's state averager: with it, the
-    testbed's three-volunteer test failed in two of three runs (a volunteer stuck at an old epoch),
-    but it failed once without it too, so the cause is open. The swarm's gradient averager, whose all-reduce runs every epoch, shares no state
-    and so never declares.
+    Used by ``benchmarks.bench_averaging``. The swarm's averagers do without it: the gradient
+    averager shares no state and never declares, and the state averager all-reduces once every
+    ``average_state_every`` epochs. (It was taken out of the state averager after the testbed's
+    three-volunteer test failed with it; it failed without it too: its epochs were shorter than
+    hivemind's timeouts allow for, see :class:`BoundedStateRoundsAverager`.)
     """
 
     async def _declare_for_download_periodically(self) -> None:
@@ -224,13 +300,14 @@ class QuietDeclarationsMixin(KeepsHivemindWireNames):
                 await asyncio.wait_for(self._state_updated.wait(), timeout=timeout)
 
 
-class SharedAccumulatorsGradientAverager(GradientAverager):
+class SharedAccumulatorsGradientAverager(KeepsHivemindWireNames, GradientAverager):
     """hivemind's ``GradientAverager`` with its gradient accumulators in shared memory.
 
     hivemind forks the averager's process after allocating the accumulators; the training process
     then rewrites them at every local step, and copy-on-write leaves the averager's process holding
     a private copy of the pages as they were at the fork: a model's worth of gradients per CPU
-    volunteer that nobody reads. Shared pages are not copied on write.
+    volunteer that nobody reads. Shared pages are not copied on write. Its RPCs keep hivemind's
+    names, so a peer running hivemind's own ``GradientAverager`` averages with it.
     """
 
     def __init__(self, *args: Any, start: bool = False, **kwargs: Any) -> None:
