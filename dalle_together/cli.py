@@ -524,6 +524,13 @@ def join(
     report_every: Annotated[
         float, typer.Option("--report-every", help="Seconds between progress lines and metrics updates.")
     ] = 10.0,
+    nice: Annotated[
+        int,
+        typer.Option(
+            "--nice",
+            help="Compute at this lower priority (0-19), so that averaging and your own programs come first.",
+        ),
+    ] = 10,
     verbose: VerboseOpt = False,
 ) -> None:
     """Volunteer: download the run's model and train it together with everybody else."""
@@ -547,6 +554,8 @@ def join(
         torch.set_num_threads(threads)
     if report_every <= 0:
         raise UserError("--report-every must be positive")
+    if not 0 <= nice <= 19:
+        raise UserError(f"--nice must be between 0 and 19, not {nice}")
     if len(name) > 64:
         raise UserError("--name is limited to 64 characters")
     if cache_dir is None:
@@ -568,6 +577,7 @@ def join(
         minutes=minutes,
         report_every_s=report_every,
         verbose=verbose,
+        nice=nice,
     )
 
     with _Shutdown() as shutdown:

@@ -262,6 +262,10 @@ def test_joiners_that_cannot_join_get_one_line_and_exit_2(running_coordinator, t
         ),
         (["join", "--initial-peers", NOBODY, "--run-id", "no spaces"], "run id 'no spaces' is not valid"),
         (["join", "--initial-peers", NOBODY, "--run-id", "r", "--compression", "zip"], "unknown compression"),
+        (
+            ["join", "--initial-peers", NOBODY, "--run-id", "r", "--nice", "20"],
+            "--nice must be between 0 and 19",
+        ),
     ],
 )
 def test_malformed_options_are_one_line_errors(args, words):
@@ -299,3 +303,29 @@ def test_a_restarted_coordinator_follows_its_directory(tmp_path):
         settle_config(CoordinatorOptions(run_id="r", checkpoint_dir=tmp_path, preset_name="small"))
     with pytest.raises(UserError, match="belongs to run 'r', not 'other'"):
         settle_config(CoordinatorOptions(run_id="other", checkpoint_dir=tmp_path))
+
+
+def test_a_volunteer_computes_at_a_lower_priority_than_hivemind_s_threads_and_processes():
+    """Only the thread that calls it (the training loop) and what it starts afterwards are nicer."""
+    import os
+    import threading
+
+    from dalle_together.swarm.volunteer import lower_this_thread_priority
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def training_loop():
+        lower_this_thread_priority(5)
+        seen["computing"] = os.getpriority(os.PRIO_PROCESS, 0)
+        child = threading.Thread(
+            target=lambda: seen.setdefault("started_later", os.getpriority(os.PRIO_PROCESS, 0))
+        )
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=training_loop)
+    thread.start()
+    thread.join()
+    assert seen == {"computing": min(before + 5, 19), "started_later": min(before + 5, 19)}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # hivemind's side, started before, is untouched

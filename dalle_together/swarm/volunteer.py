@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,14 @@ from dalle_together.swarm.records import run_validators
 from dalle_together.train import build_model, local_step, prepare_tokenizers, token_batches
 
 logger = logging.getLogger(__name__)
+
+
+def lower_this_thread_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness (Linux: only this thread, and the threads and
+    processes it starts afterwards; elsewhere the whole process), up to the least priority, 19."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, min(current + nice, 19))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -69,9 +78,14 @@ class VolunteerOptions:
     minutes: float | None = None
     """Leave after training this long (joining not counted)."""
     report_every_s: float = 10.0
+    """Publish metrics and report progress this often."""
     verbose: bool = False
     """Let hivemind log each epoch's progress and averaging rounds."""
-    """Publish metrics and report progress this often."""
+    nice: int = 10
+    """Run the computation this much nicer than the averaging (``nice``'s scale, 0-19; 0: as nice
+    as it). hivemind averages in processes of their own (and the p2p daemon); when the CPU is short,
+    they run first, so a round is not held up by a peer busy computing, and the machine's owner
+    keeps a responsive computer. On an otherwise idle CPU it costs nothing."""
     definition_timeout_s: float = 10.0
 
 
@@ -174,6 +188,8 @@ def run_volunteer(
             client_mode=options.client_mode,
             verbose=options.verbose,
         )
+        # after hivemind started its averagers' processes, which keep the priority they had
+        lower_this_thread_priority(options.nice)
         optimizer.load_state_from_peers()
         worker = worker_index(dht.peer_id)
         joined_epoch = optimizer.local_epoch
