@@ -48,10 +48,13 @@ ADDRESS = re.compile(r"^/ip4/\S+/p2p/\S+$")
 AGREE_OVER_LR = 0.75
 """Two peers agree if their parameters' rms difference is below this many learning rates: one
 optimizer step lost or applied twice moves the weights by about 1 (AdamW, no warm-up); fp16
-averaging's rounding by about 0.01. Measured on 20 Mbit/s links with 3 volunteers: 0.11-0.46 at
-best, once 0.51 (a clean-clone CI run), not 0.01, because some averaging rounds end half-done
-(each peer keeps its own half, about half a step apart; see BENCHMARKS.md) until the next state
-averaging pulls the peers together again. 0.75 sits between that and a whole step."""
+averaging's rounding by about 0.01. Measured on 20 Mbit/s links with 3 volunteers: 0.003-0.011
+with epochs of ~8 s and 2 s matchmaking (the testbed test's settings), but 0.1-0.6 at best, once
+0.89, with this module's settings (epochs of 2-4 s, 1 s matchmaking), where peers whose
+transitions are over a second apart are left out of rounds or get half-done ones (each peer keeps
+its own values for the parts that did not arrive) until the next state averaging pulls them
+together. A peer that missed a round entirely (it stepped with its own gradients) is about a
+step away until then, like a lost step: 0.75 is below that and above half-done rounds."""
 COORDINATOR_PORT = 31337
 """A fixed port (the host is the coordinator's alone): restarted, it keeps the address the
 volunteers know (its peer id persists in its directory), so they reconnect to it."""
