@@ -134,6 +134,7 @@ def measure_swarm(
     seconds: float,
     report_every_s: float,
     echo: bool,
+    nice: int | None = None,
 ) -> dict[str, Any]:
     """(b) or (c): ``volunteers`` 1-thread volunteers training with ``coordinator``."""
     peers = [
@@ -157,6 +158,7 @@ def measure_swarm(
                 str(work / f"v{volunteers}-{i}"),
                 "--report-every",
                 str(report_every_s),
+                *(["--nice", str(nice)] if nice is not None else []),
             ],
             echo=echo,
             cpus={i} if pin else None,
@@ -246,6 +248,7 @@ def main() -> None:
     )
     parser.add_argument("--matchmaking-time", type=float, default=None, help="default: the preset's")
     parser.add_argument("--report-every", type=float, default=10.0, help="volunteers' progress period, s")
+    parser.add_argument("--nice", type=int, default=None, help="volunteers' `join --nice` (default: join's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--echo", action="store_true", help="show the peers' output")
     parser.add_argument("--only", choices=("a", "b", "c"), action="append", help="run only these scenarios")
@@ -272,6 +275,7 @@ def main() -> None:
         "seconds": args.seconds,
         "warmup_s": args.warmup,
         "pinned": args.pin,
+        "nice": args.nice,
         "repeats": args.repeats,
     }
     try:
@@ -306,6 +310,7 @@ def main() -> None:
                         seconds=args.seconds,
                         report_every_s=args.report_every,
                         echo=args.echo,
+                        nice=args.nice,
                     )
                     runs[label].append(r)
                     print(
