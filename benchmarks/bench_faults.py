@@ -48,13 +48,15 @@ ADDRESS = re.compile(r"^/ip4/\S+/p2p/\S+$")
 AGREE_OVER_LR = 0.75
 """Two peers agree if their parameters' rms difference is below this many learning rates: one
 optimizer step lost or applied twice moves the weights by about 1 (AdamW, no warm-up); fp16
-averaging's rounding by about 0.01. Measured on 20 Mbit/s links with 3 volunteers: 0.003-0.011
-with epochs of ~8 s and 2 s matchmaking (the testbed test's settings), but 0.1-0.6 at best, once
-0.89, with this module's settings (epochs of 2-4 s, 1 s matchmaking), where peers whose
-transitions are over a second apart are left out of rounds or get half-done ones (each peer keeps
-its own values for the parts that did not arrive) until the next state averaging pulls them
-together. A peer that missed a round entirely (it stepped with its own gradients) is about a
-step away until then, like a lost step: 0.75 is below that and above half-done rounds."""
+averaging's rounding by about 0.01. Measured on 20 Mbit/s links with 3 volunteers. With epochs of
+~8 s and 2 s matchmaking (the testbed test's settings): mostly 0.003-0.011; 0.45-0.70 after a
+half-done round or a straggler's gradients averaged into the next epoch's round; once one peer
+1.38 from the other two (cause not seen). With this module's settings (epochs of 2-4 s, 1 s
+matchmaking): 0.1-0.6 at best, once 0.89, because peers whose transitions are over a second apart
+are left out of rounds or get half-done ones (each peer keeps its own values for the parts that
+did not arrive) until the next state averaging pulls them together. A peer that missed a round
+entirely (it stepped with its own gradients) is about a step away until then, like a lost step:
+0.75 is below that and above half-done rounds."""
 COORDINATOR_PORT = 31337
 """A fixed port (the host is the coordinator's alone): restarted, it keeps the address the
 volunteers know (its peer id persists in its directory), so they reconnect to it."""

@@ -360,10 +360,14 @@ def test_our_averagers_speak_hivemind_s_protocols():
     """A subclass would otherwise rename every RPC after itself, and peers running hivemind's own
     classes (or our fault benchmark's probe) could not download its state or average with it."""
     from hivemind.averaging import DecentralizedAverager
+    from hivemind.optim.state_averager import TrainingStateAverager
 
     ours = type("Averager", (swarm_optimizer.QuietDeclarationsMixin, DecentralizedAverager), {})
     for method in ("rpc_download_state", "rpc_aggregate_part", "rpc_join_group"):
         assert ours._get_handle_name("run", method) == DecentralizedAverager._get_handle_name("run", method)
+        assert swarm_optimizer.BoundedStateRoundsAverager._get_handle_name(
+            "run", method
+        ) == TrainingStateAverager._get_handle_name("run", method)
 
 
 @pytest.mark.system
