@@ -466,6 +466,9 @@ def coordinator(
             _say(f"run {run_id!r}: {describe_config(ready.cfg)}")
             if ready.resumed_epoch is not None:
                 _say(f"resumed from the checkpoint of epoch {ready.resumed_epoch}")
+            if ready.reconnected is not None:
+                answered, known = ready.reconnected
+                _say(f"reconnected to {answered} of {known} peers it knew before it stopped")
             _say(
                 "volunteers join with: dalle-together join --run-id "
                 + run_id

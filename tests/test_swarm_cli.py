@@ -184,6 +184,41 @@ def test_volunteers_survive_a_killed_peer_and_a_restarted_coordinator_resumes(tr
     assert_left_cleanly(coordinator)
 
 
+@pytest.mark.system
+@pytest.mark.timeout(300)
+def test_a_coordinator_killed_mid_run_rejoins_its_volunteers_and_keeps_saving(trained_run, tmp_path):  # noqa: F811
+    run_dir = tiny_tokenizers(trained_run, tmp_path / "coordinator")
+    coordinator = start_coordinator(run_dir, "cli-test", "--checkpoint-every-epochs", "2")
+    address = coordinator.wait_for_stdout(ADDRESS, timeout_s=60)
+    alice = start_volunteer(address, "alice", tmp_path)
+    wait_until(lambda: checkpoint_epoch(run_dir) >= 2, 120, "a checkpoint", coordinator, alice)
+
+    # the coordinator's machine dies while alice trains on; it comes back on another port (alice
+    # knows only its old address, and forgot it as a DHT peer when it stopped answering)
+    coordinator.kill()
+    killed_at = latest_epoch(alice)
+    wait_until(lambda: latest_epoch(alice) >= killed_at + 1, 60, "an epoch without the coordinator", alice)
+    coordinator = start_coordinator(run_dir, "cli-test", "--checkpoint-every-epochs", "2")
+    again = coordinator.wait_for_stdout(ADDRESS, timeout_s=60)
+    assert again != address
+    wait_until(lambda: "reconnected to 1 of" in log(coordinator), 60, "the reconnection", coordinator, alice)
+
+    # it finds alice again by itself: it downloads her newer state and saves it, and `status` sees her
+    restarted_at = latest_epoch(alice)
+    wait_until(
+        lambda: checkpoint_epoch(run_dir) >= restarted_at,
+        90,
+        "a checkpoint after the restart",
+        coordinator,
+        alice,
+    )
+    status = cli("status", "--initial-peers", again, "--run-id", "cli-test", "--json")
+    assert status.returncode == 0, status.stderr
+    assert [p["name"] for p in json.loads(status.stdout)["peers"]] == ["alice"], status.stdout
+    assert_left_cleanly(alice)
+    assert_left_cleanly(coordinator)
+
+
 @pytest.fixture(scope="module")
 def running_coordinator(trained_run, tmp_path_factory):  # noqa: F811
     run_dir = tiny_tokenizers(trained_run, tmp_path_factory.mktemp("errors") / "coordinator")
@@ -303,6 +338,17 @@ def test_a_restarted_coordinator_follows_its_directory(tmp_path):
         settle_config(CoordinatorOptions(run_id="r", checkpoint_dir=tmp_path, preset_name="small"))
     with pytest.raises(UserError, match="belongs to run 'r', not 'other'"):
         settle_config(CoordinatorOptions(run_id="other", checkpoint_dir=tmp_path))
+
+
+def test_the_remembered_peers_are_only_a_hint(tmp_path):
+    """A damaged peers file costs the reconnection after a restart, never the restart itself."""
+    from dalle_together.swarm.coordinator import PEERS_FILE, _remembered_peers
+
+    assert _remembered_peers(tmp_path) == []
+    (tmp_path / PEERS_FILE).write_text("{half a fi")
+    assert _remembered_peers(tmp_path) == []
+    (tmp_path / PEERS_FILE).write_text(json.dumps({"peers": [NOBODY, "/ip4/x/p2p/y", 7, LOOPBACK]}))
+    assert _remembered_peers(tmp_path) == [NOBODY]
 
 
 def test_a_volunteer_computes_at_a_lower_priority_than_hivemind_s_threads_and_processes():

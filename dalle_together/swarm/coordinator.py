@@ -5,7 +5,8 @@
 1. settles the run's configuration (a preset plus options, or the one ``DIR/run.json`` holds when
    it restarts) and trains the tokenizers unless ``DIR`` has them;
 2. starts the first DHT peer with a persistent identity (``DIR/coordinator.key``), so the
-   addresses volunteers were given stay valid across restarts;
+   addresses volunteers were given stay valid across restarts, and after a restart reconnects to
+   the peers it was connected to before (``DIR/peers.json``);
 3. publishes the run's definition and serves the tokenizer files (refreshed periodically);
 4. runs the auxiliary peer (:class:`SwarmCheckpointer`) in a thread: every K global epochs it
    downloads the swarm's state and saves it as an ordinary checkpoint in ``DIR``, which
@@ -29,6 +30,7 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.utils.multiaddr import Multiaddr
 
 from dalle_together.checkpoint import (
     MODEL_FILE,
@@ -46,7 +48,13 @@ from dalle_together.config import RunConfig, preset
 from dalle_together.errors import UserError
 from dalle_together.swarm.checkpointer import SwarmCheckpointer
 from dalle_together.swarm.definition import publish_definition
-from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, start_dht, visible_maddrs
+from dalle_together.swarm.dht import (
+    DEFAULT_HOST_MADDRS,
+    connected_peers,
+    reconnect,
+    start_dht,
+    visible_maddrs,
+)
 from dalle_together.swarm.metrics import read_status
 from dalle_together.swarm.records import run_validators
 from dalle_together.train import TrainState, build_model, prepare_tokenizers
@@ -57,6 +65,10 @@ IDENTITY_FILE = "coordinator.key"
 """The coordinator's libp2p key in its directory: same key, same peer id, same addresses."""
 SWARM_FILE = "swarm.json"
 """Which run id the directory belongs to (a directory serves one run)."""
+PEERS_FILE = "peers.json"
+"""The peers the coordinator was last connected to, refreshed with each status report: a restarted
+coordinator reconnects to them (nobody else would tell the swarm it is back)."""
+MAX_REMEMBERED_PEERS = 64
 
 COORDINATOR_LOCAL_OPTIONS = frozenset({"swarm.checkpoint_every_epochs", "swarm.keep_checkpoints"})
 """Options that only concern the coordinator itself: a restart may change them."""
@@ -107,6 +119,8 @@ class CoordinatorReady:
     cfg: RunConfig
     resumed_epoch: int | None
     """The checkpoint's epoch when a restarted coordinator resumed, else ``None``."""
+    reconnected: tuple[int, int] | None = None
+    """After a restart: (peers that answered, peers it knew before), else ``None``."""
 
 
 # --- the run's configuration -------------------------------------------------------------------
@@ -218,6 +232,8 @@ def run_coordinator(
     saver: threading.Thread | None = None
     stop_saver = threading.Event()
     try:
+        remembered = _remembered_peers(run_dir)
+        reconnected = reconnect(dht, remembered) if remembered else None
         files = {name: run_dir / name for name in TOKENIZER_FILES}
         publish_definition(dht, options.run_id, cfg, files, expiration_s=DEFINITION_EXPIRATION_S)
         # read the addresses before any optimizer exists (hivemind 1.1.12 may hang on them later)
@@ -233,14 +249,21 @@ def run_coordinator(
             load_state_timeout_s=60.0,
         )
         resumed = keeper.restore(checkpointer)
-        on_ready(CoordinatorReady(addresses=addresses, cfg=cfg, resumed_epoch=resumed))
+        on_ready(
+            CoordinatorReady(addresses=addresses, cfg=cfg, resumed_epoch=resumed, reconnected=reconnected)
+        )
 
         saver = threading.Thread(
             target=_keep_saving, args=(checkpointer, stop_saver), name="checkpointer", daemon=True
         )
         saver.start()
         last_published, epoch = time.monotonic(), checkpointer.local_epoch
+        known = remembered
         while not stop.wait(options.status_every_s):
+            peers = connected_peers(dht)[:MAX_REMEMBERED_PEERS]
+            if peers and peers != known:  # none (a moment alone) would forget the swarm
+                write_json_atomic(run_dir / PEERS_FILE, {"peers": peers})
+                known = peers
             status = read_status(dht, options.run_id)
             keeper.loss = status.loss
             # the run's epoch never goes back, even once every volunteer has left
@@ -269,6 +292,26 @@ def run_coordinator(
                 _final_save(checkpointer, dht, options.run_id)
             checkpointer.shutdown()
         dht.shutdown()
+
+
+def _remembered_peers(run_dir: Path) -> list[str]:
+    """The addresses ``DIR/peers.json`` holds; none if it is missing or unreadable (it is only a hint)."""
+    path = run_dir / PEERS_FILE
+    if not path.is_file():
+        return []
+    try:
+        peers = load_json(path, "known peers")["peers"]
+    except (UserError, KeyError, TypeError) as e:
+        logger.warning(f"ignoring {path}: {e}")
+        return []
+    return [p for p in peers if isinstance(p, str) and _is_peer_address(p)]
+
+
+def _is_peer_address(text: str) -> bool:
+    try:
+        return "p2p" in Multiaddr(text)
+    except Exception:  # the multiaddr codecs raise several types
+        return False
 
 
 def _keep_saving(checkpointer: SwarmCheckpointer, stop: threading.Event, poll_s: float = 2.0) -> None:

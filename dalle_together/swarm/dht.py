@@ -8,7 +8,9 @@ for it, so several peers can share one process (tests) without overwriting each 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -18,7 +20,9 @@ from collections.abc import Iterable, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
@@ -178,6 +182,51 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
                 rank = 2 if ip.is_loopback else (1 if ip.is_private or ip.is_link_local else 0)
         out.append((rank, text))
     return [text for _, text in sorted(set(out))]
+
+
+def connected_peers(dht: hivemind.DHT) -> list[str]:
+    """Full multiaddrs (``.../p2p/<id>``) of the peers ``dht``'s p2p daemon is connected to now.
+
+    libp2p dials from its listen port (port reuse), so an inbound connection's remote address is
+    where that peer can be reached again: what :func:`reconnect` needs after a restart."""
+    return dht.run_coroutine(_connected_peers)
+
+
+async def _connected_peers(_dht: hivemind.DHT, node: DHTNode) -> list[str]:
+    return sorted(f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs)
+
+
+def reconnect(dht: hivemind.DHT, maddrs: Sequence[str], *, timeout_s: float = 10.0) -> tuple[int, int]:
+    """Connect ``dht`` to peers it knew before a restart: (how many answered within ``timeout_s``,
+    how many peers ``maddrs`` name).
+
+    A restarted first peer (the coordinator) has no initial peers, and the swarm's peers dropped it
+    from their routing tables when it stopped answering: without this nobody would find it again,
+    and it could not reach the peers whose state it saves. Each peer that answers a DHT ping is in
+    this node's routing table afterwards, and this node in theirs."""
+    by_peer: dict[str, list[str]] = {}
+    for maddr in maddrs:
+        address = Multiaddr(maddr)
+        peer = address["p2p"]
+        by_peer.setdefault(peer, []).append(str(address.decapsulate(Multiaddr(f"/p2p/{peer}"))))
+    answered = dht.run_coroutine(functools.partial(_reconnect, by_peer, timeout_s))
+    return answered, len(by_peer)
+
+
+async def _reconnect(
+    by_peer: dict[str, list[str]], timeout_s: float, _dht: hivemind.DHT, node: DHTNode
+) -> int:
+    async def one(peer: PeerID, addrs: list[str]) -> bool:
+        # hivemind's P2P has no public dial: this is the call it makes for its own initial peers
+        await node.p2p._client.connect(peer, [Multiaddr(a) for a in addrs])
+        return await node.protocol.call_ping(peer) is not None
+
+    async def bounded(peer: str, addrs: list[str]) -> bool:
+        with contextlib.suppress(Exception):  # gone, moved, or never reachable (client mode)
+            return await asyncio.wait_for(one(PeerID.from_base58(peer), addrs), timeout_s)
+        return False
+
+    return sum(await asyncio.gather(*(bounded(peer, addrs) for peer, addrs in by_peer.items())))
 
 
 def configure_hivemind_logging(*, verbose: bool) -> None:
