@@ -30,7 +30,6 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.utils.multiaddr import Multiaddr
 
 from dalle_together.checkpoint import (
     MODEL_FILE,
@@ -50,6 +49,7 @@ from dalle_together.swarm.checkpointer import SwarmCheckpointer
 from dalle_together.swarm.definition import publish_definition
 from dalle_together.swarm.dht import (
     DEFAULT_HOST_MADDRS,
+    check_initial_peer,
     connected_peers,
     reconnect,
     start_dht,
@@ -309,9 +309,10 @@ def _remembered_peers(run_dir: Path) -> list[str]:
 
 def _is_peer_address(text: str) -> bool:
     try:
-        return "p2p" in Multiaddr(text)
-    except Exception:  # the multiaddr codecs raise several types
+        check_initial_peer(text)  # what a volunteer's --initial-peers must be, too
+    except UserError:
         return False
+    return True
 
 
 def _keep_saving(checkpointer: SwarmCheckpointer, stop: threading.Event, poll_s: float = 2.0) -> None:
