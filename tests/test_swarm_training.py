@@ -430,3 +430,56 @@ def test_a_state_round_without_a_group_gives_up_after_two_matchmaking_times(star
         assert took < STATE_ROUND_PATIENCE * matchmaking_s + 4.0, took  # 4 s for a busy machine
     else:
         assert took >= timeout_s - 0.5, took
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("patient", [True, False], ids=["ours", "hivemind"])
+def test_parts_that_arrive_before_the_trigger_wait_for_the_group(start_peer, patient):
+    """With delayed updates, the round of one epoch ends while the next one's is already waiting for
+    its trigger, which tells hivemind's part handler that no group is pending: a groupmate that
+    triggers first is refused (BAD_GROUP_ID) and each peer keeps its own values for the other's share
+    of the tensors. Here one peer's averager is put in that state, then its groupmate triggers 0.3 s
+    before it does; ours waits for its own group and both average fully (the hivemind row shows the
+    test would see the refusal)."""
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.averaging.control import AveragingStage
+    from hivemind.utils import MPFuture
+
+    from dalle_together.swarm.optimizer import WaitsForItsOwnGroup
+
+    class RaceableAverager(*((WaitsForItsOwnGroup,) if patient else ()), DecentralizedAverager):
+        async def _end_another_round(self, done: MPFuture) -> None:
+            # what the end of an earlier round does to the shared event (hivemind's _register_allreduce_group)
+            self._pending_groups_registered.set()
+            done.set_result(None)
+
+    run = "race-test"
+    SIZE = 2**18  # two of hivemind's 512 KiB parts: each peer reduces one
+    dhts = [start_peer(run)]
+    dhts.append(start_peer(run, initial_peers=visible_maddrs(dhts[0])))
+    averagers = []
+    for i, dht in enumerate(dhts):
+        averager = RaceableAverager(
+            [torch.full((SIZE,), float(i))], dht, prefix=run, start=True, target_group_size=2,
+            min_matchmaking_time=1.0, request_timeout=0.5, next_chunk_timeout=2.0,
+        )  # fmt: skip
+        start_peer.on_shutdown(averager.shutdown)
+        averagers.append(averager)
+    early, late = averagers
+    controls = [a.step(wait=False, require_trigger=True, timeout=30) for a in averagers]
+    _wait_for(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), timeout_s=30)
+    done = MPFuture()
+    late._outer_pipe.send(("_end_another_round", [done], {}))
+    done.result(timeout=10)
+    controls[0].allow_allreduce()
+    time.sleep(0.3)  # the late peer is mid-step
+    controls[1].allow_allreduce()
+    for control in controls:
+        control.result(timeout=60)
+    averaged = [a._averaged_tensors[0].clone() for a in averagers]
+    if patient:
+        for values in averaged:
+            assert torch.allclose(values, torch.full((SIZE,), 0.5))
+    else:  # each kept its own values for the share the other reduces
+        assert not torch.allclose(averaged[0], averaged[1])
