@@ -68,3 +68,26 @@ def test_an_identity_file_keeps_the_peer_id_across_restarts(start_peer, tmp_path
     again = start_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=key)
     start_peer.on_shutdown(again.shutdown)
     assert again.peer_id == peer_id
+
+
+@pytest.mark.timeout(60)
+def test_listing_connected_peers_never_waits_on_a_dht_that_does_not_answer(start_peer):
+    """The coordinator lists its peers in its status loop, which also keeps the run's definition
+    alive in the DHT: a DHT process that does not answer (here: stopped) must cost a bounded wait."""
+    import os
+    import signal
+
+    from dalle_together.swarm.dht import connected_peers
+
+    first = start_peer("run")
+    second = start_peer("run", initial_peers=visible_maddrs(first))
+    assert any(a.endswith(str(second.peer_id)) for a in connected_peers(first))
+
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert connected_peers(first, timeout_s=1.0) == []
+        assert time.monotonic() - started < 5.0
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert any(a.endswith(str(second.peer_id)) for a in connected_peers(first))

@@ -184,16 +184,35 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [text for _, text in sorted(set(out))]
 
 
-def connected_peers(dht: hivemind.DHT) -> list[str]:
-    """Full multiaddrs (``.../p2p/<id>``) of the peers ``dht``'s p2p daemon is connected to now.
+def connected_peers(dht: hivemind.DHT, *, timeout_s: float = 10.0) -> list[str]:
+    """Full multiaddrs (``.../p2p/<id>``) of the peers ``dht``'s p2p daemon is connected to now;
+    none if the daemon does not answer within ``timeout_s`` (the list is only a hint).
 
     libp2p dials from its listen port (port reuse), so an inbound connection's remote address is
     where that peer can be reached again: what :func:`reconnect` needs after a restart."""
-    return dht.run_coroutine(_connected_peers)
+    # Bounded, and failures stay in the DHT process: in one `make demo` the coordinator's status loop
+    # stopped for good when hivemind logged "Caught an exception when running a coroutine" for this
+    # call, so the run's definition was no longer refreshed and the run vanished from the DHT.
+    # hivemind 1.1.12 sends a coroutine's exception back through a pipe; one that cannot be pickled
+    # never arrives and leaves the caller waiting forever (checked with a throw-away script).
+    future = None
+    try:
+        future = dht.run_coroutine(_connected_peers, return_future=True)
+        return future.result(timeout=timeout_s)
+    except (Exception, asyncio.CancelledError) as e:
+        if future is not None:
+            future.cancel()
+        logger.debug(f"the p2p daemon did not list its peers: {e!r}")
+        return []
 
 
 async def _connected_peers(_dht: hivemind.DHT, node: DHTNode) -> list[str]:
-    return sorted(f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs)
+    try:
+        peers = await node.p2p.list_peers()
+    except Exception as e:
+        logger.debug(f"could not list the p2p daemon's peers: {e!r}")
+        return []
+    return sorted(f"{addr}/p2p/{info.peer_id}" for info in peers for addr in info.addrs)
 
 
 def reconnect(dht: hivemind.DHT, maddrs: Sequence[str], *, timeout_s: float = 10.0) -> tuple[int, int]:
@@ -209,7 +228,13 @@ def reconnect(dht: hivemind.DHT, maddrs: Sequence[str], *, timeout_s: float = 10
         address = Multiaddr(maddr)
         peer = address["p2p"]
         by_peer.setdefault(peer, []).append(str(address.decapsulate(Multiaddr(f"/p2p/{peer}"))))
-    answered = dht.run_coroutine(functools.partial(_reconnect, by_peer, timeout_s))
+    future = dht.run_coroutine(functools.partial(_reconnect, by_peer, timeout_s), return_future=True)
+    try:  # bounded for the reason given in connected_peers
+        answered = future.result(timeout=timeout_s + 5.0)
+    except (Exception, asyncio.CancelledError) as e:
+        future.cancel()
+        logger.debug(f"could not reconnect: {e!r}")
+        answered = 0
     return answered, len(by_peer)
 
 
