@@ -241,8 +241,8 @@ class WaitsForItsOwnGroup(KeepsHivemindWireNames):
                 await asyncio.wait_for(self._group_registered().wait(), deadline - time.monotonic())
 
     def _group_registered(self) -> asyncio.Event:
-        """An event set when the next group starts its all-reduce (one per wait: created in the
-        averager's process, whose event loop it belongs to)."""
+        """An event set when the next group starts its all-reduce, shared by every handler waiting
+        until then (created lazily: it belongs to the event loop of the averager's process)."""
         if getattr(self, "_next_group_registered", None) is None:
             self._next_group_registered = asyncio.Event()
         return self._next_group_registered
