@@ -177,7 +177,13 @@ def main() -> None:
     parser.add_argument(
         "--total-steps", type=int, default=None, help="cosine schedule length, in epochs (default: estimated)"
     )
-    parser.add_argument("--matchmaking-time", type=float, default=0.5, help="seconds to form a group")
+    parser.add_argument("--matchmaking-time", type=float, default=0.3, help="seconds to form a group")
+    parser.add_argument(
+        "--next-chunk-timeout",
+        type=float,
+        default=0.5,
+        help="seconds a peer may be late in an averaging round before it is left out",
+    )
     parser.add_argument("--checkpoint-every-epochs", type=int, default=100)
     parser.add_argument(
         "--average-state-every", type=int, default=5, help="epochs between parameter/state averaging"
@@ -190,8 +196,12 @@ def main() -> None:
     args = parser.parse_args()
 
     # A 5-minute demo wants many optimizer steps: a global batch of 128 (an epoch every ~0.8 s),
-    # a higher learning rate than the 64-sample single-machine preset, and 0.5 s of matchmaking,
-    # plenty on loopback (over the Internet, keep the preset's seconds and a bigger batch).
+    # a higher learning rate than the 64-sample single-machine preset, and 0.3 s of matchmaking,
+    # plenty on loopback (over the Internet, keep the preset's seconds and a bigger batch). With
+    # 0.5 s an epoch that ended early sometimes found its round still forming a group; the next
+    # round then queued behind it, the volunteers' rounds fell out of step and, for a minute or so,
+    # many rounds were half done. Peers trigger a round up to a local step (~0.2 s) apart: the
+    # next-chunk timeout stays at 0.5 s, not the matchmaking time as hivemind would make it.
     coordinator_dir = args.out / "coordinator"
     children: list[CliProcess] = []
     interrupted = False
@@ -214,6 +224,7 @@ def main() -> None:
                 "--total-steps", str(args.total_steps or _expected_epochs(args)),
                 "--lr", str(args.lr),
                 "--matchmaking-time", str(args.matchmaking_time),
+                "--next-chunk-timeout", str(args.next_chunk_timeout),
                 "--checkpoint-every-epochs", str(args.checkpoint_every_epochs),
                 "--average-state-every", str(args.average_state_every),
                 "--tokenizer-minutes", str(args.tokenizer_minutes),
