@@ -17,6 +17,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -31,6 +32,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from dalle_together.errors import UserError
 
 logger = get_logger(__name__)
+T = TypeVar("T")
 
 DEFAULT_HOST_MADDRS = ("/ip4/0.0.0.0/tcp/0",)
 """Listen on every IPv4 interface, on a port the OS picks."""
@@ -190,20 +192,27 @@ def connected_peers(dht: hivemind.DHT, *, timeout_s: float = 10.0) -> list[str]:
 
     libp2p dials from its listen port (port reuse), so an inbound connection's remote address is
     where that peer can be reached again: what :func:`reconnect` needs after a restart."""
-    # Bounded, and failures stay in the DHT process: in one `make demo` the coordinator's status loop
-    # stopped for good when hivemind logged "Caught an exception when running a coroutine" for this
-    # call, so the run's definition was no longer refreshed and the run vanished from the DHT.
-    # hivemind 1.1.12 sends a coroutine's exception back through a pipe; one that cannot be pickled
-    # never arrives and leaves the caller waiting forever (checked with a throw-away script).
+    return _run_bounded(dht, _connected_peers, timeout_s=timeout_s, default=[])
+
+
+def _run_bounded(dht: hivemind.DHT, coro: Any, *, timeout_s: float, default: T) -> T:
+    """``dht.run_coroutine(coro)``, or ``default`` if it fails or takes longer than ``timeout_s``.
+
+    In one `make demo` the coordinator's status loop stopped for good when hivemind logged "Caught
+    an exception when running a coroutine" for its :func:`connected_peers` call, so the run's
+    definition was no longer refreshed and the run vanished from the DHT. hivemind 1.1.12 sends a
+    coroutine's exception back through a pipe; one that cannot be pickled never arrives and leaves
+    the caller waiting for ever (checked with a throw-away script). The coroutines given here keep
+    their own failures in the DHT process too."""
     future = None
     try:
-        future = dht.run_coroutine(_connected_peers, return_future=True)
+        future = dht.run_coroutine(coro, return_future=True)
         return future.result(timeout=timeout_s)
     except (Exception, asyncio.CancelledError) as e:
         if future is not None:
             future.cancel()
-        logger.debug(f"the p2p daemon did not list its peers: {e!r}")
-        return []
+        logger.debug(f"{coro} failed or did not answer in {timeout_s} s: {e!r}")
+        return default
 
 
 async def _connected_peers(_dht: hivemind.DHT, node: DHTNode) -> list[str]:
@@ -228,14 +237,8 @@ def reconnect(dht: hivemind.DHT, maddrs: Sequence[str], *, timeout_s: float = 10
         address = Multiaddr(maddr)
         peer = address["p2p"]
         by_peer.setdefault(peer, []).append(str(address.decapsulate(Multiaddr(f"/p2p/{peer}"))))
-    future = dht.run_coroutine(functools.partial(_reconnect, by_peer, timeout_s), return_future=True)
-    try:  # bounded for the reason given in connected_peers
-        answered = future.result(timeout=timeout_s + 5.0)
-    except (Exception, asyncio.CancelledError) as e:
-        future.cancel()
-        logger.debug(f"could not reconnect: {e!r}")
-        answered = 0
-    return answered, len(by_peer)
+    coro = functools.partial(_reconnect, by_peer, timeout_s)
+    return _run_bounded(dht, coro, timeout_s=timeout_s + 5.0, default=0), len(by_peer)
 
 
 async def _reconnect(
