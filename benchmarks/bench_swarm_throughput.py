@@ -343,6 +343,7 @@ def main() -> None:
         print(f"(b)/(a) = {results['one_over_local']:.2f}  (needs >= 0.9)")
     print(json.dumps(results, indent=2))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
