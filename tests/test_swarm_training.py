@@ -466,15 +466,17 @@ def test_parts_that_arrive_before_the_trigger_wait_for_the_group(start_peer, pat
         )  # fmt: skip
         start_peer.on_shutdown(averager.shutdown)
         averagers.append(averager)
-    early, late = averagers
-    controls = [a.step(wait=False, require_trigger=True, timeout=30) for a in averagers]
+    late = averagers[1]
+    early_control, late_control = controls = [
+        a.step(wait=False, require_trigger=True, timeout=30) for a in averagers
+    ]
     _wait_for(lambda: all(c.stage == AveragingStage.AWAITING_TRIGGER for c in controls), timeout_s=30)
     done = MPFuture()
     late._outer_pipe.send(("_end_another_round", [done], {}))
     done.result(timeout=10)
-    controls[0].allow_allreduce()
+    early_control.allow_allreduce()
     time.sleep(0.3)  # the late peer is mid-step
-    controls[1].allow_allreduce()
+    late_control.allow_allreduce()
     for control in controls:
         control.result(timeout=60)
     averaged = [a._averaged_tensors[0].clone() for a in averagers]

@@ -16,8 +16,8 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -195,7 +195,9 @@ def connected_peers(dht: hivemind.DHT, *, timeout_s: float = 10.0) -> list[str]:
     return _run_bounded(dht, _connected_peers, timeout_s=timeout_s, default=[])
 
 
-def _run_bounded(dht: hivemind.DHT, coro: Any, *, timeout_s: float, default: T) -> T:
+def _run_bounded(
+    dht: hivemind.DHT, coro: Callable[[hivemind.DHT, DHTNode], Awaitable[T]], *, timeout_s: float, default: T
+) -> T:
     """``dht.run_coroutine(coro)``, or ``default`` if it fails or takes longer than ``timeout_s``.
 
     In one `make demo` the coordinator's status loop stopped for good when hivemind logged "Caught
