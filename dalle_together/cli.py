@@ -390,6 +390,15 @@ def coordinator(
         int | None, typer.Option("--total-steps", help="Length of the cosine schedule, in optimizer steps.")
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    delayed_updates: Annotated[
+        bool | None,
+        typer.Option(
+            "--delayed-updates/--no-delayed-updates",
+            help="Average gradients and step the optimizer in the background, applying each update "
+            "during the next epoch: for links where averaging takes a good part of an epoch "
+            "(default: the preset's).",
+        ),
+    ] = None,
     matchmaking_time: Annotated[
         float | None,
         typer.Option("--matchmaking-time", help="Seconds peers spend forming an averaging group."),
@@ -446,6 +455,8 @@ def coordinator(
             "optim.warmup_steps": warmup_steps,
             "optim.total_steps": total_steps,
             "optim.lr": lr,
+            "swarm.delay_optimizer_step": delayed_updates,
+            "swarm.delay_grad_averaging": delayed_updates,
             "swarm.matchmaking_time_s": matchmaking_time,
             "swarm.next_chunk_timeout_s": next_chunk_timeout,
             "swarm.average_state_every": average_state_every,

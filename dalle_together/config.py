@@ -201,7 +201,13 @@ class SwarmConfig:
     above ``size_adaptive_threshold`` elements to 8 bits and sends smaller ones in fp16 (the seed's)."""
     size_adaptive_threshold: int = 65_537
     delay_optimizer_step: bool = True
+    """Run each epoch's optimizer step in the background; the model gets the update a little into the
+    next epoch, so the first local steps of an epoch compute gradients on parameters one step old.
+    Worth it when averaging takes a good part of an epoch (slow links, the seed's); with epochs of a
+    second on fast links it cost more learning per step than it saved in waiting (``make demo``,
+    measured in BENCHMARKS.md)."""
     delay_grad_averaging: bool = True
+    """Average gradients in the background as well (needs ``delay_optimizer_step``)."""
     offload_optimizer: bool = True
     average_state_every: int = 5
     """Average parameters and optimizer state every this many epochs (see swarm.optimizer)."""

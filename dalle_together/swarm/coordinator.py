@@ -400,7 +400,8 @@ def describe_config(cfg: RunConfig) -> str:
     return (
         f"preset {cfg.preset}, target batch {o.target_batch_size}, lr {o.lr:g} "
         f"(warm-up {o.warmup_steps}, cosine over {o.total_steps} epochs), "
-        f"averaging {cfg.swarm.compression}, checkpoint every {cfg.swarm.checkpoint_every_epochs} epochs"
+        f"averaging {cfg.swarm.compression}, "
+        f"{'delayed' if cfg.swarm.delay_optimizer_step else 'immediate'} updates, checkpoint every {cfg.swarm.checkpoint_every_epochs} epochs"
     )
 
 
