@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument(
         "--target-batch-size",
         type=int,
-        default=128,
+        default=96,
         help="samples per optimizer step, both volunteers together",
     )
     parser.add_argument("--lr", type=float, default=6e-3, help="peak learning rate of the run")
@@ -178,7 +178,7 @@ def main() -> None:
         action="store_true",
         help="apply each epoch's update in the background, during the next (the seed's choice for slow links)",
     )
-    parser.add_argument("--warmup-steps", type=int, default=30, help="learning-rate warm-up, in epochs")
+    parser.add_argument("--warmup-steps", type=int, default=40, help="learning-rate warm-up, in epochs")
     parser.add_argument(
         "--total-steps", type=int, default=None, help="cosine schedule length, in epochs (default: estimated)"
     )
@@ -200,13 +200,15 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    # A 5-minute demo wants many optimizer steps: a global batch of 128 (an epoch every ~0.9 s) and
+    # A 5-minute demo wants many optimizer steps: a global batch of 96 (an epoch every ~0.75 s) and
     # 0.3 s of matchmaking, plenty on loopback (over the Internet, keep the preset's seconds and a
-    # bigger batch). Measured on this data (BENCHMARKS.md): 128-sample steps learn far more at a
-    # peak learning rate of 6e-3 than at 2e-3, and updates applied at once beat delayed ones,
-    # which on epochs this short make the first local steps of each epoch compute on stale
-    # parameters: the volunteers wait ~18% of the time for averaging instead of ~5%, and reach a
-    # loss of 1.4 instead of 1.9 in the same number of steps. With
+    # bigger batch). Measured on this data (BENCHMARKS.md): at a peak learning rate of 6e-3
+    # (far better than 2e-3), 96-sample steps learn more from the same samples than 128-sample
+    # ones, which outweighs the ~5% fewer samples the volunteers process with more frequent
+    # averaging; and updates applied at once beat delayed ones, which on epochs this short make the
+    # first local steps of each epoch compute on stale parameters: the volunteers wait ~20% of the
+    # time for averaging instead of ~5%, and reach a loss of 1.4 instead of 1.9 in the same
+    # number of steps. With
     # 0.5 s an epoch that ended early sometimes found its round still forming a group; the next
     # round then queued behind it, the volunteers' rounds fell out of step and, for a minute or so,
     # many rounds were half done. Peers trigger a round up to a local step (~0.2 s) apart: the
@@ -307,12 +309,13 @@ def main() -> None:
     _print_summary(summary, evaluation, grid=paths[-1])
 
 
-STEPPED_SAMPLES_PER_S = 135
+STEPPED_SAMPLES_PER_S = 124
 """Samples per second that two 1-thread volunteers turn into optimizer steps on 2 cores shared with
-the coordinator, measured on 2026-11-27 with updates applied at once: ~143 samples/s together, 93%
-of them in optimizer steps (the rest overshoots the target while peers learn of each other's
-progress). A schedule a little short of the run costs little (the last epochs run at the floor
-learning rate); one too long leaves the learning rate high at the end."""
+the coordinator, measured on 2026-11-27 with updates applied at once and a global batch of 96:
+~147 samples/s together, 84% of them in optimizer steps (the rest overshoots the target while
+peers learn of each other's progress; it is averaged in, not lost). A schedule a little short of
+the run costs little (the last epochs run at the floor learning rate); one too long leaves the
+learning rate high at the end."""
 
 
 def _expected_epochs(args: argparse.Namespace) -> int:
