@@ -202,17 +202,17 @@ def main() -> None:
 
     # A 5-minute demo wants many optimizer steps: a global batch of 96 (an epoch every ~0.75 s) and
     # 0.3 s of matchmaking, plenty on loopback (over the Internet, keep the preset's seconds and a
-    # bigger batch). Measured on this data (BENCHMARKS.md): at a peak learning rate of 6e-3
-    # (far better than 2e-3), 96-sample steps learn more from the same samples than 128-sample
-    # ones, which outweighs the ~5% fewer samples the volunteers process with more frequent
-    # averaging; and updates applied at once beat delayed ones, which on epochs this short make the
-    # first local steps of each epoch compute on stale parameters: the volunteers wait ~20% of the
-    # time for averaging instead of ~5%, and reach a loss of 1.4 instead of 1.9 in the same
-    # number of steps. With
-    # 0.5 s an epoch that ended early sometimes found its round still forming a group; the next
-    # round then queued behind it, the volunteers' rounds fell out of step and, for a minute or so,
-    # many rounds were half done. Peers trigger a round up to a local step (~0.2 s) apart: the
-    # next-chunk timeout stays at 0.5 s, not the matchmaking time as hivemind would make it.
+    # bigger batch). Measured on this data (BENCHMARKS.md): a peak learning rate of 6e-3 learns far
+    # more than 2e-3; 96-sample steps learn more from the same samples than 128-sample ones, which
+    # outweighs the few percent fewer samples the volunteers process with more frequent averaging;
+    # and updates applied at once beat delayed ones, which on epochs this short make the first
+    # local steps of each epoch compute on stale parameters (the volunteers then wait ~20% of the
+    # time for averaging instead of ~5%, and reach a loss of 1.4 instead of 1.9 in as many steps).
+    #
+    # With 0.5 s of matchmaking an epoch that ended early sometimes found its round still forming a
+    # group; the next round then queued behind it, the volunteers' rounds fell out of step and, for
+    # a minute or so, many rounds were half done. Peers trigger a round up to a local step (~0.2 s)
+    # apart: the next-chunk timeout stays at 0.5 s, not the matchmaking time as hivemind would make it.
     coordinator_dir = args.out / "coordinator"
     children: list[CliProcess] = []
     interrupted = False
@@ -311,7 +311,7 @@ def main() -> None:
 
 STEPPED_SAMPLES_PER_S = 124
 """Samples per second that two 1-thread volunteers turn into optimizer steps on 2 cores shared with
-the coordinator, measured on 2026-11-27 with updates applied at once and a global batch of 96:
+the coordinator, measured in one demo on 2026-11-27 (updates at once, a global batch of 96):
 ~147 samples/s together, 84% of them in optimizer steps (the rest overshoots the target while
 peers learn of each other's progress; it is averaged in, not lost). A schedule a little short of
 the run costs little (the last epochs run at the floor learning rate); one too long leaves the
