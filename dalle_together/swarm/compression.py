@@ -28,7 +28,8 @@ from hivemind.proto import runtime_pb2
 
 
 class FastUniform8BitQuantization(Uniform8BitQuantization):
-    """hivemind's ``UNIFORM_8BIT`` encoding: encodes ~15% faster, decodes ~3.5x faster."""
+    """hivemind's ``UNIFORM_8BIT`` encoding: encodes 1.2-2.4x faster, decodes 2.5-4.5x faster (this
+    noisy machine, three runs of ``python -m benchmarks.bench_codec``)."""
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
         assert torch.is_floating_point(tensor)
@@ -38,8 +39,11 @@ class FastUniform8BitQuantization(Uniform8BitQuantization):
         scale = self.RANGE_IN_SIGMAS * std / self.n_bins
         offset = self.n_bins // 2
         if scale > 0.0 and math.isfinite(scale):
-            grid = centered.mul_(1.0 / scale).round_().add_(offset).clamp_(0, self.n_bins - 1)
-            indices = grid.to(torch.uint8)
+            # round and clamp around 0, cast to int8 and flip the top bit: for r in [-128, 127] that is
+            # the byte of r + 128. torch's float -> int8 cast is vectorised, its float -> uint8 cast is
+            # not (~3x slower), and one pass over floats (the ``+ offset``) is saved
+            grid = centered.mul_(1.0 / scale).round_().clamp_(-offset, offset - 1)
+            indices = grid.to(torch.int8).view(torch.uint8).bitwise_xor_(offset)
         else:  # a constant (or non-finite) tensor: one bucket
             indices = torch.full_like(values, offset, dtype=torch.uint8)
         sums = torch.bincount(indices, weights=values, minlength=self.n_bins)
