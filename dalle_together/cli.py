@@ -389,6 +389,15 @@ def coordinator(
     total_steps: Annotated[
         int | None, typer.Option("--total-steps", help="Length of the cosine schedule, in optimizer steps.")
     ] = None,
+    schedule_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--schedule-minutes",
+            help="Fit the cosine schedule to this many minutes from now: once volunteers train, the "
+            "coordinator measures their pace and publishes the length every peer follows "
+            "(instead of --total-steps).",
+        ),
+    ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
     delayed_updates: Annotated[
         bool | None,
@@ -446,6 +455,8 @@ def coordinator(
         raise UserError("--tokenizer-minutes must be positive")
     if lr is not None and lr <= 0:
         raise UserError("--lr must be positive")
+    if schedule_minutes is not None and schedule_minutes <= 0:
+        raise UserError("--schedule-minutes must be positive")
     options = CoordinatorOptions(
         run_id=_check_run_id(run_id),
         checkpoint_dir=checkpoint_dir,
@@ -467,6 +478,7 @@ def coordinator(
         announce_maddrs=tuple(announce_maddrs or ()),
         tokenizer_minutes=tokenizer_minutes,
         status_every_s=status_every,
+        schedule_minutes=schedule_minutes,
     )
 
     with _Shutdown() as shutdown:
@@ -474,7 +486,7 @@ def coordinator(
         def on_ready(ready) -> None:
             for address in ready.addresses:
                 print(address, flush=True)
-            _say(f"run {run_id!r}: {describe_config(ready.cfg)}")
+            _say(f"run {run_id!r}: {describe_config(ready.cfg, schedule_minutes=schedule_minutes)}")
             if ready.resumed_epoch is not None:
                 _say(f"resumed from the checkpoint of epoch {ready.resumed_epoch}")
             if ready.reconnected is not None:

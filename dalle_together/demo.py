@@ -144,18 +144,33 @@ class CliProcess:
         self.proc.wait()
 
 
-def run(*args: str, required: bool = True) -> str | None:
-    """Run a short ``dalle-together`` command to completion; its stdout. If it fails: exit with its
-    status, or return None if it is not ``required`` (it has printed why)."""
+def start(*args: str) -> subprocess.Popen:
+    """Start a short ``dalle-together`` command; its stdout is piped, its stderr is the demo's."""
     print("$ dalle-together " + " ".join(args), file=sys.stderr, flush=True)
-    result = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "dalle_together.cli", *args], stdout=subprocess.PIPE, text=True, env=CHILD_ENV
     )
-    if result.returncode:
+
+
+def finish(command: subprocess.Popen, *, required: bool = True, timeout_s: float | None = None) -> str | None:
+    """Wait for a command :func:`start` started; its stdout. If it fails (or outlives ``timeout_s``):
+    exit with its status, or return None if it is not ``required`` (it has printed why)."""
+    try:
+        stdout, _ = command.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        command.communicate()
+        print(f"dalle-together {command.args[3]} took longer than {timeout_s:.0f} s", file=sys.stderr)
+    if command.returncode:
         if required:
-            sys.exit(result.returncode)
+            sys.exit(command.returncode)
         return None
-    return result.stdout
+    return stdout
+
+
+def run(*args: str, required: bool = True) -> str | None:
+    """Run a short ``dalle-together`` command to completion; its stdout (see :func:`finish`)."""
+    return finish(start(*args), required=required)
 
 
 def main() -> None:
@@ -180,7 +195,10 @@ def main() -> None:
     )
     parser.add_argument("--warmup-steps", type=int, default=40, help="learning-rate warm-up, in epochs")
     parser.add_argument(
-        "--total-steps", type=int, default=None, help="cosine schedule length, in epochs (default: estimated)"
+        "--total-steps",
+        type=int,
+        default=None,
+        help="cosine schedule length, in epochs (default: fitted to --minutes at the volunteers' measured pace)",
     )
     parser.add_argument("--matchmaking-time", type=float, default=0.3, help="seconds to form a group")
     parser.add_argument(
@@ -232,7 +250,8 @@ def main() -> None:
                 "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                 "--target-batch-size", str(args.target_batch_size),
                 "--warmup-steps", str(args.warmup_steps),
-                "--total-steps", str(args.total_steps or _expected_epochs(args)),
+                *(["--total-steps", str(args.total_steps)] if args.total_steps
+                  else ["--schedule-minutes", str(args.minutes)]),
                 "--lr", str(args.lr),
                 "--delayed-updates" if args.delayed_updates else "--no-delayed-updates",
                 "--matchmaking-time", str(args.matchmaking_time),
@@ -247,6 +266,8 @@ def main() -> None:
         )  # fmt: skip
         children.append(coordinator)
         address = coordinator.wait_for_stdout(ADDRESS, timeout_s=args.tokenizer_minutes * 60 + 300)
+        # the coordinator fits the learning-rate schedule to end --minutes from now: stop it then
+        deadline = time.monotonic() + args.minutes * 60
         volunteers = []
         for i in (1, 2):
             volunteers.append(
@@ -275,10 +296,12 @@ def main() -> None:
                 )  # fmt: skip
             )
             children.append(volunteers[-1])
-        time.sleep(args.minutes * 60)
-
-        # the summary's who-contributed-what; the checkpoint and its evaluation do not depend on it
-        status = run("status", "--initial-peers", address, "--run-id", RUN_ID, "--json", required=False)
+        # the summary's who-contributed-what (the checkpoint and its evaluation do not depend on
+        # it), asked for ahead of the deadline: `status` takes 10-20 s to start a peer here
+        time.sleep(max(deadline - STATUS_LEAD_S - time.monotonic(), 0.0))
+        status_command = start("status", "--initial-peers", address, "--run-id", RUN_ID, "--json")
+        time.sleep(max(deadline - time.monotonic(), 0.0))
+        status = finish(status_command, required=False, timeout_s=STATUS_LEAD_S)
         summary = json.loads(status) if status is not None else None
         # the coordinator saves the swarm's latest state on its way out, so stop it while volunteers train
         coordinator.stop(timeout_s=180)
@@ -309,19 +332,9 @@ def main() -> None:
     _print_summary(summary, evaluation, grid=paths[-1])
 
 
-STEPPED_SAMPLES_PER_S = 124
-"""Samples per second that two 1-thread volunteers turn into optimizer steps on 2 cores shared with
-the coordinator, measured in one demo on 2026-11-27 (updates at once, a global batch of 96):
-~147 samples/s together, 84% of them in optimizer steps (the rest overshoots the target while
-peers learn of each other's progress; it is averaged in, not lost). A schedule a little short of
-the run costs little (the last epochs run at the floor learning rate); one too long leaves the
-learning rate high at the end."""
-
-
-def _expected_epochs(args: argparse.Namespace) -> int:
-    """The schedule's length: about what two 1-thread volunteers reach in ``--minutes``. On a busier
-    machine the run ends before the cosine schedule does, with a higher learning rate."""
-    return max(int(args.minutes * 60 * STEPPED_SAMPLES_PER_S / args.target_batch_size), 20)
+STATUS_LEAD_S = 20.0
+"""``status`` is started this long before the end of the training time, so that it has read the
+run when the coordinator stops, on time (measured: 14-19 s from start to answer on 2 busy cores)."""
 
 
 def _print_summary(status: dict | None, evaluation: dict, *, grid: str) -> None:
@@ -330,7 +343,11 @@ def _print_summary(status: dict | None, evaluation: dict, *, grid: str) -> None:
         print("collaborative run: its status could not be read (see above)")
     else:
         _print_contributions(status)
-    print(f"checkpoint: epoch {evaluation['step']} in {evaluation['checkpoint']}")
+    state = json.loads((Path(evaluation["checkpoint"]) / "state.json").read_text())
+    print(
+        f"checkpoint: epoch {evaluation['step']} of a {state['schedule_total_steps']}-epoch "
+        f"learning-rate schedule, in {evaluation['checkpoint']}"
+    )
     for split in ("seen", "holdout"):
         row = evaluation[split]
         scores = ", ".join(f"{a} {row[a]:.0%}" for a in ("color", "shape", "position", "size"))

@@ -135,5 +135,16 @@ def lr_multiplier(step: int, cfg: OptimConfig, total_steps: int | None = None) -
     warmup = min(cfg.warmup_steps, total - 1) if total > 1 else 0
     if step < warmup:
         return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return cosine_multiplier(schedule_progress(step, cfg, total), cfg)
+
+
+def schedule_progress(step: int, cfg: OptimConfig, total_steps: int | None = None) -> float:
+    """How far along its cosine the schedule is at ``step``: 0 until warm-up ends, 1 at ``total_steps``."""
+    total = max(total_steps or cfg.total_steps, 1)
+    warmup = min(cfg.warmup_steps, total - 1) if total > 1 else 0
+    return min(1.0, max(step - warmup, 0) / max(total - warmup, 1))
+
+
+def cosine_multiplier(progress: float, cfg: OptimConfig) -> float:
+    """The cosine decay from 1 (``progress`` 0) to ``min_lr_ratio`` (``progress`` 1)."""
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -19,7 +19,7 @@ from dalle_together.swarm.definition import (
     fetch_definition,
     publish_definition,
 )
-from dalle_together.swarm.dht import visible_maddrs
+from dalle_together.swarm.dht import local_public_key, visible_maddrs
 
 RUN = "defn-test"
 FILES = ("vqvae.safetensors", "vqvae.json", "text_tokenizer.json")
@@ -46,6 +46,7 @@ def test_joiner_fetches_the_definition_and_verified_files(start_peer, tokenizer_
     assert definition == published
     assert definition.config == cfg and definition.fingerprint == cfg.fingerprint()
     assert definition.server_peer_id == str(coordinator.peer_id)
+    assert definition.publisher == local_public_key(coordinator)  # whose schedule joiners follow
     assert {f.name: f.size for f in definition.files} == {
         n: p.stat().st_size for n, p in tokenizer_files.items()
     }

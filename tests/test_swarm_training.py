@@ -16,11 +16,13 @@ import torch
 
 from dalle_together.config import RunConfig, preset
 from dalle_together.errors import UserError
+from dalle_together.optim import lr_multiplier
 from dalle_together.swarm import optimizer as swarm_optimizer
 from dalle_together.swarm.checkpointer import SwarmCheckpointer
-from dalle_together.swarm.dht import visible_maddrs
+from dalle_together.swarm.dht import local_public_key, visible_maddrs
 from dalle_together.swarm.metrics import read_status
 from dalle_together.swarm.optimizer import apply_pending_updates, make_swarm_optimizer
+from dalle_together.swarm.schedule import ScheduleFollower, Segment, SwarmSchedule, publish_schedule
 
 BATCH = 8
 TARGET = 128
@@ -70,6 +72,14 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+def follow(start_peer, dht, run: str, *, publisher: bytes) -> SwarmSchedule:
+    """A volunteer's schedule, following ``publisher``'s record for the rest of the test."""
+    schedule = SwarmSchedule(swarm_cfg().optim)
+    follower = ScheduleFollower(dht, run, publisher=publisher, schedule=schedule, poll_s=0.5)
+    start_peer.on_shutdown(follower.stop)
+    return schedule
+
+
 def train_together(models, optimizers, *, epochs: int, deadline_s: float) -> list[list[tuple[int, int]]]:
     """Train every peer in its own thread until all reach ``epochs``; per peer: (epoch, samples it gave)."""
     log: list[list[tuple[int, int]]] = [[] for _ in models]
@@ -109,12 +119,20 @@ def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer, monkeyp
     monkeypatch.setattr(swarm_optimizer, "SHARED_STATE_MIN_NUMEL", 1)  # this model's tensors are tiny
     first = start_peer(run)
     second = start_peer(run, initial_peers=visible_maddrs(first))
+    # the first peer plays the coordinator: it shortens the schedule from epoch 2 on
+    assert publish_schedule(first, run, [Segment(from_epoch=2, total_steps=6, start_progress=0.0)])
     models = [mlp(seed=0), mlp(seed=0)]
     initial = params(models[0])
     optimizers = []
     for dht, model in zip((first, second), models, strict=True):
         opt = make_swarm_optimizer(
-            dht=dht, run_id=run, model=model, cfg=cfg, batch_size_per_step=BATCH, client_mode=False
+            dht=dht,
+            run_id=run,
+            model=model,
+            cfg=cfg,
+            batch_size_per_step=BATCH,
+            client_mode=False,
+            schedule=follow(start_peer, dht, run, publisher=local_public_key(first)),
         )
         start_peer.on_shutdown(opt.shutdown)
         optimizers.append(opt)
@@ -140,13 +158,23 @@ def test_two_peers_train_as_one_and_a_late_joiner_catches_up(start_peer, monkeyp
     assert max_difference(params(models[0]), initial) > 1e-3  # and they did train
     lr = [o.param_groups[0]["lr"] for o in optimizers]
     assert lr[0] == lr[1] != cfg.optim.lr  # the schedule follows the global epoch
+    epoch = optimizers[0].local_epoch
+    assert lr[0] == pytest.approx(
+        cfg.optim.lr * lr_multiplier(epoch, cfg.optim, total_steps=6)
+    )  # the fitted one
     assert read_status(first, run).global_epoch == optimizers[0].local_epoch == optimizers[1].local_epoch
 
     # a volunteer joining later, with a different initialisation, downloads the swarm's state
     late = start_peer(run, initial_peers=visible_maddrs(second), client_mode=True)
     late_model = mlp(seed=1)
     late_opt = make_swarm_optimizer(
-        dht=late, run_id=run, model=late_model, cfg=cfg, batch_size_per_step=BATCH, client_mode=True
+        dht=late,
+        run_id=run,
+        model=late_model,
+        cfg=cfg,
+        batch_size_per_step=BATCH,
+        client_mode=True,
+        schedule=follow(start_peer, late, run, publisher=local_public_key(first)),
     )
     start_peer.on_shutdown(late_opt.shutdown)
     late_opt.load_state_from_peers()

@@ -12,7 +12,10 @@
    downloads the swarm's state and saves it as an ordinary checkpoint in ``DIR``, which
    ``generate`` and ``evaluate`` read; after a restart it resumes from the newest one and shares
    it, so the run's epoch count survives;
-5. reports the collaboration's status periodically, until ``stop`` is set.
+5. with a time budget (``--schedule-minutes``), fits the learning-rate schedule to the swarm's
+   measured pace, again as the pace changes, and publishes it (:mod:`.schedule`); the schedule is
+   saved with each checkpoint and published again after a restart;
+6. reports the collaboration's status periodically, until ``stop`` is set.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from dalle_together.swarm.dht import (
 )
 from dalle_together.swarm.metrics import read_status
 from dalle_together.swarm.records import run_validators
+from dalle_together.swarm.schedule import EXPIRATION_S as SCHEDULE_EXPIRATION_S
+from dalle_together.swarm.schedule import ScheduleFitter, Segment, publish_schedule, segments_from_dicts
 from dalle_together.train import TrainState, build_model, prepare_tokenizers
 
 logger = logging.getLogger(__name__)
@@ -94,6 +99,10 @@ class CoordinatorOptions:
     status_every_s: float = 30.0
     save_on_exit: bool = True
     """Download and save the swarm's state once more when stopping, if it moved on since the last save."""
+    schedule_minutes: float | None = None
+    """Fit the cosine schedule to this wall-clock budget, counted from when volunteers may join
+    (after a restart: from the restart; ``None``: the run's ``optim.total_steps``, or the schedule
+    fitted before a restart)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -230,6 +239,7 @@ def run_coordinator(
     )
     checkpointer: SwarmCheckpointer | None = None
     saver: threading.Thread | None = None
+    scheduler: threading.Thread | None = None
     stop_saver = threading.Event()
     try:
         remembered = _remembered_peers(run_dir)
@@ -257,6 +267,18 @@ def run_coordinator(
             target=_keep_saving, args=(checkpointer, stop_saver), name="checkpointer", daemon=True
         )
         saver.start()
+        fitter = None
+        if options.schedule_minutes is not None:
+            deadline = time.monotonic() + options.schedule_minutes * 60
+            fitter = ScheduleFitter(cfg=cfg.optim, deadline=deadline, segments=keeper.segments)
+        if keeper.segments or fitter is not None:
+            scheduler = threading.Thread(
+                target=_keep_schedule,
+                args=(dht, options.run_id, keeper, fitter, checkpointer, stop_saver),
+                name="schedule",
+                daemon=True,
+            )
+            scheduler.start()
         last_published, epoch = time.monotonic(), checkpointer.local_epoch
         known = remembered
         while not stop.wait(options.status_every_s):
@@ -285,6 +307,8 @@ def run_coordinator(
                 last_published = time.monotonic()
     finally:
         stop_saver.set()
+        if scheduler is not None:
+            scheduler.join(timeout=10.0)
         if saver is not None:
             saver.join(timeout=90.0)
         if checkpointer is not None:
@@ -324,6 +348,36 @@ def _keep_saving(checkpointer: SwarmCheckpointer, stop: threading.Event, poll_s:
             logger.warning(f"saving a checkpoint failed ({type(e).__name__}: {e}); will retry")
 
 
+def _keep_schedule(
+    dht: hivemind.DHT,
+    run_id: str,
+    keeper: _CheckpointKeeper,
+    fitter: ScheduleFitter | None,
+    checkpointer: SwarmCheckpointer,
+    stop: threading.Event,
+    poll_s: float = 0.5,
+) -> None:
+    """Fit the schedule to the swarm's pace (watching the global epoch every ``poll_s``), publish
+    it whenever it changes, and keep the published record from expiring."""
+    last_published, changed = -math.inf, bool(keeper.segments)
+    while not stop.is_set():
+        if fitter is not None and time.monotonic() < fitter.deadline:
+            try:
+                epoch = max(read_status(dht, run_id).global_epoch, checkpointer.global_epoch)
+            except Exception as e:  # a busy DHT: look again
+                logger.debug(f"could not read the run's epoch: {e}")
+            else:
+                if fitter.observe(epoch, time.monotonic()):
+                    keeper.segments, changed = fitter.schedule.segments, True
+        due = time.monotonic() - last_published >= SCHEDULE_EXPIRATION_S / 3
+        if keeper.segments and (changed or due):
+            if publish_schedule(dht, run_id, keeper.segments, expiration_s=SCHEDULE_EXPIRATION_S):
+                last_published, changed = time.monotonic(), False
+            else:
+                logger.warning("could not publish the run's schedule in the DHT; will retry")
+        stop.wait(poll_s)
+
+
 def _final_save(checkpointer: SwarmCheckpointer, dht: hivemind.DHT, run_id: str) -> None:
     # the auxiliary peer's tracker refreshes its view of the swarm every few seconds, so it may not
     # know yet that a volunteer has just finished an epoch: the volunteers' own records are newer
@@ -346,6 +400,8 @@ class _CheckpointKeeper:
         self.run_dir, self.cfg = run_dir, cfg
         self.loss: float | None = None
         self.last_epoch: int | None = None
+        self.segments: tuple[Segment, ...] = ()
+        """The schedule fitted to the run's time budget (none: the definition's)."""
         self.elapsed_before_s = 0.0
         self.started = time.monotonic()
 
@@ -354,7 +410,10 @@ class _CheckpointKeeper:
             step=epoch,
             samples_seen=epoch * self.cfg.optim.target_batch_size,
             elapsed_s=self.elapsed_before_s + time.monotonic() - self.started,
-            schedule_total_steps=self.cfg.optim.total_steps,
+            schedule_total_steps=self.segments[-1].total_steps
+            if self.segments
+            else self.cfg.optim.total_steps,
+            schedule_segments=[dataclasses.asdict(s) for s in self.segments],
             loss=self.loss if self.loss is not None else math.nan,
         )
         path = save_checkpoint(
@@ -376,6 +435,7 @@ class _CheckpointKeeper:
         state = load_json(latest / STATE_FILE, "training state")
         epoch = int(state.get("step", 0))
         self.elapsed_before_s = float(state.get("elapsed_s", 0.0))
+        self.segments = segments_from_dicts(state.get("schedule_segments", []))
         optimizer_state = None
         if (latest / OPTIMIZER_FILE).is_file():
             try:
@@ -394,12 +454,17 @@ class _CheckpointKeeper:
         return epoch
 
 
-def describe_config(cfg: RunConfig) -> str:
+def describe_config(cfg: RunConfig, *, schedule_minutes: float | None = None) -> str:
     """One line about the run a coordinator serves."""
     o = cfg.optim
+    cosine = (
+        f"cosine fitted to {schedule_minutes:g} minutes"
+        if schedule_minutes is not None
+        else f"cosine over {o.total_steps} epochs"
+    )
     return (
         f"preset {cfg.preset}, target batch {o.target_batch_size}, lr {o.lr:g} "
-        f"(warm-up {o.warmup_steps}, cosine over {o.total_steps} epochs), "
+        f"(warm-up {o.warmup_steps}, {cosine}), "
         f"averaging {cfg.swarm.compression}, "
         f"{'delayed' if cfg.swarm.delay_optimizer_step else 'immediate'} updates, checkpoint every {cfg.swarm.checkpoint_every_epochs} epochs"
     )

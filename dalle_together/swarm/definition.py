@@ -68,6 +68,9 @@ class RunDefinition:
     """The coordinator's libp2p id: joiners download ``files`` from it."""
     protocol: str
     published_at: float
+    publisher: bytes = b""
+    """The subkey (signed public key) the definition was published under: the coordinator's key,
+    the only one whose schedule updates (:mod:`.schedule`) a volunteer follows."""
 
 
 def files_protocol(run_id: str) -> str:
@@ -165,10 +168,10 @@ def publish_definition(
     )
     if not stored:
         logger.warning(f"could not store the definition of run {run_id!r} in the DHT; will retry on refresh")
-    return _to_definition(run_id, record)
+    return _to_definition(run_id, record, publisher=local_public_key(dht))
 
 
-def _to_definition(run_id: str, record: DefinitionRecord) -> RunDefinition:
+def _to_definition(run_id: str, record: DefinitionRecord, *, publisher: bytes) -> RunDefinition:
     try:
         cfg = RunConfig.from_dict(record.config)
     except UserError as e:
@@ -191,6 +194,7 @@ def _to_definition(run_id: str, record: DefinitionRecord) -> RunDefinition:
         server_peer_id=record.server_peer_id,
         protocol=record.protocol,
         published_at=record.time,
+        publisher=publisher,
     )
 
 
@@ -214,18 +218,18 @@ def fetch_definition(dht: hivemind.DHT, run_id: str, *, timeout_s: float = 15.0)
             future.cancel()
             found = None
         if found is not None and isinstance(found.value, dict):
-            for entry in found.value.values():
+            for subkey, entry in found.value.items():
                 if entry.value is None:
                     continue
                 try:
-                    records.append(DefinitionRecord.parse_obj(entry.value))
+                    records.append((DefinitionRecord.parse_obj(entry.value), subkey))
                 except Exception as e:
                     logger.debug(f"ignoring a malformed definition entry: {e}")
         if records:
-            newest = max(records, key=lambda r: r.time)
-            if len({r.fingerprint for r in records}) > 1:
+            newest, publisher = max(records, key=lambda pair: pair[0].time)
+            if len({r.fingerprint for r, _ in records}) > 1:
                 logger.warning(f"peers publish different definitions of run {run_id!r}; using the newest")
-            return _to_definition(run_id, newest)
+            return _to_definition(run_id, newest, publisher=publisher)
         if get_dht_time() >= deadline:
             raise UserError(
                 f"no peer serves run {run_id!r} (waited {timeout_s:.0f} s); check the run id and that "

@@ -46,9 +46,10 @@ from hivemind.utils.asyncio import achain, as_aiter
 
 from dalle_together.config import OptimConfig, RunConfig, SwarmConfig
 from dalle_together.errors import UserError
-from dalle_together.optim import build_optimizer, lr_multiplier
+from dalle_together.optim import build_optimizer
 from dalle_together.swarm import compression as fast_codecs
 from dalle_together.swarm.dht import signing_key
+from dalle_together.swarm.schedule import SwarmSchedule
 
 Compression = Literal["none", "fp16", "8bit"]
 
@@ -458,9 +459,9 @@ def state_averaging_compression(kind: Compression, threshold: int) -> Compressio
 
 
 def _make_scheduler(
-    optimizer: torch.optim.Optimizer, *, cfg: OptimConfig
+    optimizer: torch.optim.Optimizer, *, schedule: SwarmSchedule
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, cfg=cfg))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.multiplier)
 
 
 def default_param_groups(
@@ -485,6 +486,7 @@ def make_swarm_optimizer(
     param_groups: Iterable[dict[str, Any]] | Iterable[torch.Tensor] | None = None,
     average_state_every: int | None = None,
     load_state_timeout_s: float = 600.0,
+    schedule: SwarmSchedule | None = None,
     verbose: bool = False,
 ) -> hivemind.Optimizer:
     """A hivemind.Optimizer over ``model``'s parameters, configured from ``cfg.optim`` and ``cfg.swarm``.
@@ -495,6 +497,8 @@ def make_swarm_optimizer(
       (the coordinator's checkpointer); it never runs the optimizer, so it is never offloaded.
     :param compression: averaging compression; ``None`` uses ``cfg.swarm.compression``.
     :param param_groups: default: ``model.param_groups(weight_decay)`` (or all trainable parameters).
+    :param schedule: the learning rate per epoch, kept up to date by a
+      :class:`~dalle_together.swarm.schedule.ScheduleFollower`; default: ``cfg.optim``'s.
     :note: a peer joining a running swarm must call ``load_state_from_peers()`` before training.
     """
     swarm = cfg.swarm
@@ -541,7 +545,7 @@ def make_swarm_optimizer(
             batch_size_per_step=batch_size_per_step,
             params=params,
             optimizer=partial(build_shared_state_optimizer, cfg=cfg.optim),
-            scheduler=partial(_make_scheduler, cfg=cfg.optim),
+            scheduler=partial(_make_scheduler, schedule=schedule or SwarmSchedule(cfg.optim)),
             matchmaking_time=swarm.matchmaking_time_s,
             averaging_timeout=swarm.averaging_timeout_s,
             allreduce_timeout=swarm.allreduce_timeout_s,

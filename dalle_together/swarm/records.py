@@ -1,10 +1,12 @@
 """What a run keeps in the DHT: its keys, and the schemas every peer validates records against.
 
-Two records belong to a run ``R`` (hivemind's own ``R_progress``, ``R_state_averager...`` and
+Three records belong to a run ``R`` (hivemind's own ``R_progress``, ``R_state_averager...`` and
 ``R_grad_averager...`` keys sit beside them):
 
 - ``R_definition``: the run's configuration and tokenizer files, one entry per publisher;
-- ``R_metrics``: one entry per peer (loss, throughput, samples contributed).
+- ``R_metrics``: one entry per peer (loss, throughput, samples contributed);
+- ``R_schedule``: the learning-rate schedule's length once the coordinator has fitted it to a
+  time budget (volunteers trust only the entry of the definition's publisher).
 
 Each entry lives under a subkey holding its author's RSA public key and is signed with the
 matching private key, so only its author can change it (hivemind's ``RSASignatureValidator``);
@@ -37,6 +39,10 @@ def definition_key(run_id: str) -> str:
 
 def metrics_key(run_id: str) -> str:
     return f"{run_id}_metrics"
+
+
+def schedule_key(run_id: str) -> str:
+    return f"{run_id}_schedule"
 
 
 def progress_key(run_id: str) -> str:
@@ -86,9 +92,28 @@ class DefinitionRecord(pydantic.BaseModel):
     time: pydantic.StrictFloat
 
 
+MAX_SCHEDULE_SEGMENTS = 64
+
+
+class ScheduleSegment(pydantic.BaseModel):
+    """From ``from_epoch`` on, the cosine goes on from ``start_progress`` and ends at ``total_steps``."""
+
+    from_epoch: pydantic.conint(ge=0, strict=True)
+    total_steps: pydantic.conint(ge=1, strict=True)
+    start_progress: pydantic.confloat(ge=0.0, le=1.0, strict=True)
+
+
+class ScheduleRecord(pydantic.BaseModel):
+    """The learning-rate schedule the coordinator fitted to the run's time budget (see ``.schedule``)."""
+
+    segments: pydantic.conlist(ScheduleSegment, min_items=1, max_items=MAX_SCHEDULE_SEGMENTS)
+    time: pydantic.StrictFloat
+
+
 class _RunSchema(pydantic.BaseModel):
     metrics: dict[BytesWithPublicKey, PeerMetrics | None]
     definition: dict[BytesWithPublicKey, DefinitionRecord | None]
+    schedule: dict[BytesWithPublicKey, ScheduleRecord | None]
 
 
 def run_validators(run_id: str) -> list[RecordValidatorBase]:

@@ -7,7 +7,7 @@
    the tokenizer files from the coordinator (size and sha256 checked);
 3. builds the model, wraps its optimizer in ``hivemind.Optimizer`` (the run's global target batch,
    this peer's batch per step, delayed updates) and downloads the swarm's current model and
-   optimizer state;
+   optimizer state; follows the schedule length the coordinator publishes (:mod:`.schedule`);
 4. trains with ``train.local_step`` on its own data stream (the worker index comes from the peer
    id, so volunteers never draw the same samples), publishing its metrics every few seconds;
 5. stops when ``stop`` is set or its step/time budget is spent: withdraws its metrics and shuts
@@ -41,6 +41,7 @@ from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, start_dht
 from dalle_together.swarm.metrics import publish_metrics, read_status, withdraw_metrics
 from dalle_together.swarm.optimizer import make_swarm_optimizer
 from dalle_together.swarm.records import run_validators
+from dalle_together.swarm.schedule import ScheduleFollower, SwarmSchedule
 from dalle_together.train import build_model, local_step, prepare_tokenizers, token_batches
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def run_volunteer(
     if removed := remove_orphaned_shared_memory():
         logger.debug(f"deleted {removed} shared-memory files that killed peers left in /dev/shm")
     optimizer: hivemind.Optimizer | None = None
+    follower: ScheduleFollower | None = None
     joined = False
     try:
         definition = fetch_definition(dht, options.run_id, timeout_s=options.definition_timeout_s)
@@ -179,6 +181,8 @@ def run_volunteer(
         text_tokenizer, vqvae = prepare_tokenizers(cfg, options.cache_dir, device=options.device)
 
         model = build_model(cfg, options.device)
+        schedule = SwarmSchedule(cfg.optim)
+        follower = ScheduleFollower(dht, options.run_id, publisher=definition.publisher, schedule=schedule)
         optimizer = make_swarm_optimizer(
             dht=dht,
             run_id=options.run_id,
@@ -186,6 +190,7 @@ def run_volunteer(
             cfg=cfg,
             batch_size_per_step=batch_size,
             client_mode=options.client_mode,
+            schedule=schedule,
             verbose=options.verbose,
         )
         # after hivemind started its averagers' processes, which keep the priority they had
@@ -220,6 +225,8 @@ def run_volunteer(
             waiting_share=trainer.waiting_s / max(trainer.training_s, 1e-9),
         )
     finally:
+        if follower is not None:
+            follower.stop()
         _leave(dht, options.run_id, optimizer, said_hello=joined)
 
 

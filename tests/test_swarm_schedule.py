@@ -1,0 +1,167 @@
+"""A schedule fitted to a time budget: the coordinator's fits, the record, and the volunteers' schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+from hivemind.utils import get_dht_time
+
+from dalle_together.config import preset
+from dalle_together.optim import lr_multiplier
+from dalle_together.swarm.checkpointer import SwarmCheckpointer
+from dalle_together.swarm.coordinator import _CheckpointKeeper, _keep_schedule
+from dalle_together.swarm.dht import local_public_key, visible_maddrs
+from dalle_together.swarm.optimizer import _make_scheduler
+from dalle_together.swarm.records import schedule_key
+from dalle_together.swarm.schedule import (
+    ScheduleFitter,
+    ScheduleFollower,
+    Segment,
+    SwarmSchedule,
+    publish_schedule,
+    read_schedule,
+)
+
+RUN = "schedule-test"
+OPTIM = dataclasses.replace(preset("tiny").optim, warmup_steps=40, total_steps=3000, min_lr_ratio=0.1)
+
+
+def test_the_first_fit_ends_the_cosine_at_the_deadline_at_the_measured_pace():
+    fitter = ScheduleFitter(cfg=OPTIM, deadline=310.0, fit_after_epochs=20, skip_epochs=2)
+    # the swarm gathers at epoch 0 for 10 s (volunteers downloading state), then 2 epochs a second
+    assert not fitter.observe(0, 0.0)
+    assert not fitter.observe(0, 10.0)
+    assert not fitter.observe(1, 10.9)  # a slow first epoch, left out of the pace
+    for t in range(1, 11):
+        assert not fitter.observe(2 * t, 10.0 + t)  # the clock starts at epoch 2, at 11 s
+    assert fitter.observe(22, 21.0)
+    # 20 epochs in 10 s, 289 s left; it applies when warm-up ends (10 s of epochs ahead is epoch 43)
+    (segment,) = fitter.schedule.segments
+    assert segment == Segment(from_epoch=43, total_steps=22 + 2 * 289, start_progress=pytest.approx(3 / 2960))
+
+
+def test_a_refit_follows_a_changed_pace_without_a_jump_in_the_learning_rate():
+    fitter = ScheduleFitter(cfg=OPTIM, deadline=600.0, fit_after_epochs=20, skip_epochs=0, refit_s=30.0)
+    fitter.observe(0, 0.0)
+    assert fitter.observe(20, 10.0)  # 2 epochs/s: the cosine ends at 20 + 2 * 590 = 1200
+    assert fitter.schedule.segments[-1].total_steps == 1200
+    assert not fitter.observe(60, 29.0)  # a refit waits 30 s
+    assert not fitter.observe(80, 40.0)  # still 2 epochs/s: the schedule stands
+    # a volunteer leaves: 1 epoch/s from now on
+    assert fitter.observe(110, 70.0)
+    first, second = fitter.schedule.segments
+    assert second.from_epoch == 110 + 10 + 1 and second.total_steps == 110 + 530
+    schedule = fitter.schedule
+    before, after = schedule.multiplier(second.from_epoch - 1), schedule.multiplier(second.from_epoch)
+    assert abs(after - before) < 0.01  # the same curve goes on, only slower
+    assert schedule.multiplier(second.total_steps) == pytest.approx(OPTIM.min_lr_ratio)
+    assert schedule.multiplier(second.total_steps - 50) > OPTIM.min_lr_ratio + 0.01
+    assert not fitter.observe(540, 591.0)  # too late for a change to matter
+
+
+def test_a_fit_never_applies_before_warm_up_ends_nor_ends_before_it_applies():
+    slow = ScheduleFitter(cfg=OPTIM, deadline=600.0, fit_after_epochs=2, skip_epochs=0)
+    slow.observe(0, 0.0)
+    assert slow.observe(2, 20.0)
+    assert slow.schedule.segments[0].from_epoch == 40
+    late = ScheduleFitter(cfg=OPTIM, deadline=25.0, fit_after_epochs=2, skip_epochs=0, lead_s=2.0)
+    late.observe(100, 0.0)
+    assert late.observe(120, 20.0)  # 1 epoch/s, 5 s left: from epoch 123 (2 s ahead), ends at 125
+    assert late.schedule.segments[0].total_steps == 125
+
+
+def test_the_scheduler_follows_the_segments():
+    cfg = dataclasses.replace(OPTIM, warmup_steps=4, total_steps=100)
+    schedule = SwarmSchedule(cfg)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.lr)
+    scheduler = _make_scheduler(optimizer, schedule=schedule)
+    schedule.segments = (Segment(from_epoch=10, total_steps=20, start_progress=0.0),)
+    multipliers = []
+    for epoch in range(1, 25):
+        optimizer.step()
+        scheduler.step()
+        multipliers.append((epoch, scheduler.get_last_lr()[0] / cfg.lr))
+    for epoch, multiplier in multipliers:
+        expected = lr_multiplier(epoch, cfg) if epoch < 10 else lr_multiplier(epoch - 6, cfg, total_steps=14)
+        assert multiplier == pytest.approx(expected), epoch
+    assert multipliers[-1][1] == pytest.approx(cfg.min_lr_ratio)  # the fitted cosine has ended
+
+
+@pytest.mark.timeout(60)
+def test_volunteers_follow_only_the_definition_publisher_s_schedule(start_peer):
+    coordinator = start_peer(RUN)
+    volunteer = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    impostor = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    publisher = local_public_key(coordinator)
+    assert read_schedule(volunteer, RUN, publisher=publisher) is None
+
+    fitted = (Segment(from_epoch=40, total_steps=300, start_progress=0.0),)
+    assert publish_schedule(coordinator, RUN, fitted)
+    assert publish_schedule(impostor, RUN, [Segment(from_epoch=0, total_steps=5, start_progress=0.5)])
+    schedule = SwarmSchedule(OPTIM)
+    follower = ScheduleFollower(volunteer, RUN, publisher=publisher, schedule=schedule, poll_s=0.2)
+    start_peer.on_shutdown(follower.stop)
+    assert schedule.segments == fitted  # read before the constructor returns: before a joiner's first step
+    assert schedule.total_steps(39) == 3000 and schedule.total_steps(40) == 300
+
+    # a refit reaches the follower within a few polls
+    refitted = (*fitted, Segment(from_epoch=60, total_steps=280, start_progress=0.1))
+    assert publish_schedule(coordinator, RUN, refitted)
+    deadline = time.monotonic() + 10
+    while schedule.segments != refitted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert schedule.segments == refitted
+
+    # the schema refuses a schedule that is no schedule
+    for bad in (
+        [],
+        [{"from_epoch": 0, "total_steps": 0, "start_progress": 0.0}],
+        [{"from_epoch": 0, "total_steps": 10, "start_progress": 1.5}],
+    ):
+        record = {"segments": bad, "time": get_dht_time()}
+        assert not impostor.store(
+            schedule_key(RUN), record, get_dht_time() + 60, subkey=local_public_key(impostor)
+        )
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_coordinator_publishes_the_schedule_it_fitted_before(start_peer, tmp_path):
+    from test_swarm_training import mlp, swarm_cfg
+
+    cfg = swarm_cfg()
+    fitted = (
+        Segment(from_epoch=4, total_steps=30, start_progress=0.0),
+        Segment(from_epoch=10, total_steps=25, start_progress=0.25),
+    )
+    keeper = _CheckpointKeeper(tmp_path, cfg)
+    keeper.segments = fitted
+    first = SwarmCheckpointer(dht=start_peer(RUN), run_id=RUN, model=mlp(seed=0), cfg=cfg, save=keeper.save)
+    optimizer_state = first.optimizer.state_dict()
+    optimizer_state["state"].pop("local_epoch", None)
+    keeper.save(first.model, 12, optimizer_state)
+    first.shutdown()
+
+    # restarted: the checkpoint holds the fitted schedule, and the coordinator publishes it again
+    coordinator = start_peer(RUN)
+    restarted = _CheckpointKeeper(tmp_path, cfg)
+    checkpointer = SwarmCheckpointer(
+        dht=coordinator, run_id=RUN, model=mlp(seed=1), cfg=cfg, save=restarted.save
+    )
+    start_peer.on_shutdown(checkpointer.shutdown)
+    assert restarted.restore(checkpointer) == 12
+    assert restarted.segments == fitted
+    stop = threading.Event()
+    publisher = threading.Thread(
+        target=_keep_schedule, args=(coordinator, RUN, restarted, None, checkpointer, stop), daemon=True
+    )
+    publisher.start()
+    start_peer.on_shutdown(lambda: (stop.set(), publisher.join()))
+    volunteer = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    deadline = time.monotonic() + 10
+    while read_schedule(volunteer, RUN, publisher=local_public_key(coordinator)) != fitted:
+        assert time.monotonic() < deadline, "the restarted coordinator did not publish the schedule"
+        time.sleep(0.2)
