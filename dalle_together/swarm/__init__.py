@@ -6,6 +6,7 @@
   joiners fetch, verify and cache them.
 - :mod:`.metrics`: each peer's metrics, and the run's status summarised from them.
 - :mod:`.optimizer`: hivemind.Optimizer configured from a RunConfig.
+- :mod:`.schedule`: a learning-rate schedule the coordinator fits to a time budget, and peers follow.
 - :mod:`.checkpointer`: the coordinator's auxiliary peer that saves the swarm's state.
 - :mod:`.coordinator`, :mod:`.volunteer`, :mod:`.status`: what ``dalle-together coordinator``,
   ``join`` and ``status`` run (the CLI only parses options and prints).
