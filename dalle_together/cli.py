@@ -393,9 +393,9 @@ def coordinator(
         float | None,
         typer.Option(
             "--schedule-minutes",
-            help="Fit the cosine schedule to this many minutes from now: once volunteers train, the "
-            "coordinator measures their pace and publishes the length every peer follows "
-            "(instead of --total-steps).",
+            help="End the cosine schedule this many minutes after volunteers can join (after the "
+            "tokenizers are trained): the coordinator measures the swarm's pace and publishes the "
+            "schedule every peer follows, refitted as the pace changes (instead of --total-steps).",
         ),
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
@@ -486,7 +486,10 @@ def coordinator(
         def on_ready(ready) -> None:
             for address in ready.addresses:
                 print(address, flush=True)
-            _say(f"run {run_id!r}: {describe_config(ready.cfg, schedule_minutes=schedule_minutes)}")
+            described = describe_config(
+                ready.cfg, schedule_minutes=schedule_minutes, schedule_end=ready.schedule_end
+            )
+            _say(f"run {run_id!r}: {described}")
             if ready.resumed_epoch is not None:
                 _say(f"resumed from the checkpoint of epoch {ready.resumed_epoch}")
             if ready.reconnected is not None:

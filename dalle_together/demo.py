@@ -158,9 +158,15 @@ def finish(command: subprocess.Popen, *, required: bool = True, timeout_s: float
     try:
         stdout, _ = command.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        command.kill()
-        command.communicate()
-        print(f"dalle-together {command.args[3]} took longer than {timeout_s:.0f} s", file=sys.stderr)
+        # its DHT and p2p daemon hold the output pipe open too: they go with it
+        for pid in [command.pid, *descendants(command.pid)]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, _ = command.communicate()
+        print(f"dalle-together {command.args[3]} did not finish in time; stopped it", file=sys.stderr)
+        if required:
+            sys.exit(1)
+        return None
     if command.returncode:
         if required:
             sys.exit(command.returncode)

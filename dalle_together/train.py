@@ -146,7 +146,7 @@ class TrainState:
     elapsed_s: float = 0.0
     schedule_total_steps: int = 0
     """Horizon of the cosine schedule; estimated from the measured speed when training by time."""
-    schedule_segments: list[dict[str, float]] = field(default_factory=list)
+    schedule_segments: list[dict[str, int | float]] = field(default_factory=list)
     """A collaboration's schedule as its coordinator fitted it to a time budget
     (a list of ``dalle_together.swarm.schedule.Segment``; empty: ``optim``'s warm-up and cosine)."""
     loss: float = float("nan")

@@ -22,6 +22,7 @@ from hivemind.utils.logging import get_logger
 
 from dalle_together.config import RunConfig
 from dalle_together.swarm.optimizer import make_swarm_optimizer
+from dalle_together.swarm.schedule import SwarmSchedule
 
 logger = get_logger(__name__)
 
@@ -37,6 +38,7 @@ class SwarmCheckpointer:
     :param save: called as ``save(model, epoch, optimizer_state)`` after each download.
     :param every_epochs: default ``cfg.swarm.checkpoint_every_epochs``.
     :param load_state_timeout_s: give up on a peer that has not sent its state within this time.
+    :param schedule: the run's learning rate per epoch (it is in the optimizer state it saves and shares).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class SwarmCheckpointer:
         save: SaveFn,
         every_epochs: int | None = None,
         load_state_timeout_s: float = 600.0,
+        schedule: SwarmSchedule | None = None,
     ) -> None:
         self.model, self.save = model, save
         self.every_epochs = every_epochs if every_epochs is not None else cfg.swarm.checkpoint_every_epochs
@@ -63,6 +66,7 @@ class SwarmCheckpointer:
             client_mode=False,
             auxiliary=True,
             load_state_timeout_s=load_state_timeout_s,
+            schedule=schedule,
         )
         # hivemind's auxiliary peers don't share state by default; this one holds the last checkpoint
         self.optimizer.state_averager.allow_state_sharing = True

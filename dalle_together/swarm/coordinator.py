@@ -54,6 +54,7 @@ from dalle_together.swarm.dht import (
     DEFAULT_HOST_MADDRS,
     check_initial_peer,
     connected_peers,
+    load_record_key,
     reconnect,
     start_dht,
     visible_maddrs,
@@ -61,13 +62,24 @@ from dalle_together.swarm.dht import (
 from dalle_together.swarm.metrics import read_status
 from dalle_together.swarm.records import run_validators
 from dalle_together.swarm.schedule import EXPIRATION_S as SCHEDULE_EXPIRATION_S
-from dalle_together.swarm.schedule import ScheduleFitter, Segment, publish_schedule, segments_from_dicts
+from dalle_together.swarm.schedule import (
+    ScheduleFitter,
+    Segment,
+    SwarmSchedule,
+    publish_schedule,
+    segments_from_dicts,
+)
 from dalle_together.train import TrainState, build_model, prepare_tokenizers
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "coordinator.key"
 """The coordinator's libp2p key in its directory: same key, same peer id, same addresses."""
+RECORD_KEY_FILE = "records.key"
+"""The RSA key that signs the coordinator's DHT records: the same key after a restart, so the
+volunteers that follow its schedule by key keep following it."""
+SCHEDULE_FILE = "schedule.json"
+"""The schedule fitted to the time budget, rewritten whenever it changes (checkpoints lag behind)."""
 SWARM_FILE = "swarm.json"
 """Which run id the directory belongs to (a directory serves one run)."""
 PEERS_FILE = "peers.json"
@@ -130,6 +142,8 @@ class CoordinatorReady:
     """The checkpoint's epoch when a restarted coordinator resumed, else ``None``."""
     reconnected: tuple[int, int] | None = None
     """After a restart: (peers that answered, peers it knew before), else ``None``."""
+    schedule_end: int | None = None
+    """Where the cosine ends as fitted to a time budget before a restart (None: not fitted)."""
 
 
 # --- the run's configuration -------------------------------------------------------------------
@@ -235,6 +249,7 @@ def run_coordinator(
         host_maddrs=options.host_maddrs,
         announce_maddrs=options.announce_maddrs,
         identity_path=run_dir / IDENTITY_FILE,
+        record_key=load_record_key(run_dir / RECORD_KEY_FILE),
         record_validators=run_validators(options.run_id),
     )
     checkpointer: SwarmCheckpointer | None = None
@@ -257,10 +272,17 @@ def run_coordinator(
             cfg=cfg,
             save=keeper.save,
             load_state_timeout_s=60.0,
+            schedule=keeper.schedule,
         )
         resumed = keeper.restore(checkpointer)
         on_ready(
-            CoordinatorReady(addresses=addresses, cfg=cfg, resumed_epoch=resumed, reconnected=reconnected)
+            CoordinatorReady(
+                addresses=addresses,
+                cfg=cfg,
+                resumed_epoch=resumed,
+                reconnected=reconnected,
+                schedule_end=keeper.segments[-1].total_steps if keeper.segments else None,
+            )
         )
 
         saver = threading.Thread(
@@ -359,22 +381,22 @@ def _keep_schedule(
 ) -> None:
     """Fit the schedule to the swarm's pace (watching the global epoch every ``poll_s``), publish
     it whenever it changes, and keep the published record from expiring."""
-    last_published, changed = -math.inf, bool(keeper.segments)
+    last_published, published = -math.inf, ()
     while not stop.is_set():
-        if fitter is not None and time.monotonic() < fitter.deadline:
-            try:
+        try:
+            if fitter is not None and time.monotonic() < fitter.deadline:
                 epoch = max(read_status(dht, run_id).global_epoch, checkpointer.global_epoch)
-            except Exception as e:  # a busy DHT: look again
-                logger.debug(f"could not read the run's epoch: {e}")
-            else:
                 if fitter.observe(epoch, time.monotonic()):
-                    keeper.segments, changed = fitter.schedule.segments, True
-        due = time.monotonic() - last_published >= SCHEDULE_EXPIRATION_S / 3
-        if keeper.segments and (changed or due):
-            if publish_schedule(dht, run_id, keeper.segments, expiration_s=SCHEDULE_EXPIRATION_S):
-                last_published, changed = time.monotonic(), False
-            else:
-                logger.warning("could not publish the run's schedule in the DHT; will retry")
+                    keeper.set_segments(fitter.schedule.segments)
+            segments = keeper.segments
+            due = time.monotonic() - last_published >= SCHEDULE_EXPIRATION_S / 3
+            if segments and (segments != published or due):
+                if publish_schedule(dht, run_id, segments, expiration_s=SCHEDULE_EXPIRATION_S):
+                    last_published, published = time.monotonic(), segments
+                else:
+                    logger.warning("could not publish the run's schedule in the DHT; will retry")
+        except Exception as e:  # a busy or stopping DHT, a full disk: keep coordinating, try again
+            logger.warning(f"keeping the run's schedule failed ({type(e).__name__}: {e}); will retry")
         stop.wait(poll_s)
 
 
@@ -400,10 +422,22 @@ class _CheckpointKeeper:
         self.run_dir, self.cfg = run_dir, cfg
         self.loss: float | None = None
         self.last_epoch: int | None = None
-        self.segments: tuple[Segment, ...] = ()
-        """The schedule fitted to the run's time budget (none: the definition's)."""
+        self.schedule = SwarmSchedule(cfg.optim)
+        """The run's learning rate per epoch: the definition's, or as fitted to its time budget."""
         self.elapsed_before_s = 0.0
         self.started = time.monotonic()
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        return self.schedule.segments
+
+    def set_segments(self, segments: Sequence[Segment]) -> None:
+        """Adopt a newly fitted schedule, and keep it on disk at once (the next checkpoint may be
+        many epochs away, and a restart must not go back to an older schedule)."""
+        write_json_atomic(
+            self.run_dir / SCHEDULE_FILE, {"segments": [dataclasses.asdict(s) for s in segments]}
+        )
+        self.schedule.segments = tuple(segments)
 
     def save(self, model: torch.nn.Module, epoch: int, optimizer_state: dict[str, Any]) -> None:
         state = TrainState(
@@ -428,14 +462,22 @@ class _CheckpointKeeper:
         logger.info(f"saved checkpoint {path}")
 
     def restore(self, checkpointer: SwarmCheckpointer) -> int | None:
-        """Load the newest checkpoint into the auxiliary peer; its epoch, or None for a new run."""
+        """Load the newest checkpoint into the auxiliary peer, and the fitted schedule; the
+        checkpoint's epoch, or None for a new run."""
+        schedule_file = self.run_dir / SCHEDULE_FILE
+        if schedule_file.is_file():
+            try:
+                self.schedule.segments = segments_from_dicts(load_json(schedule_file, "schedule")["segments"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(
+                    f"{schedule_file} is not a schedule ({e}); delete it to fit a new one"
+                ) from None
         latest = read_latest(self.run_dir)
         if latest is None:
             return None
         state = load_json(latest / STATE_FILE, "training state")
         epoch = int(state.get("step", 0))
         self.elapsed_before_s = float(state.get("elapsed_s", 0.0))
-        self.segments = segments_from_dicts(state.get("schedule_segments", []))
         optimizer_state = None
         if (latest / OPTIMIZER_FILE).is_file():
             try:
@@ -454,14 +496,17 @@ class _CheckpointKeeper:
         return epoch
 
 
-def describe_config(cfg: RunConfig, *, schedule_minutes: float | None = None) -> str:
+def describe_config(
+    cfg: RunConfig, *, schedule_minutes: float | None = None, schedule_end: int | None = None
+) -> str:
     """One line about the run a coordinator serves."""
     o = cfg.optim
-    cosine = (
-        f"cosine fitted to {schedule_minutes:g} minutes"
-        if schedule_minutes is not None
-        else f"cosine over {o.total_steps} epochs"
-    )
+    if schedule_minutes is not None:
+        cosine = f"cosine fitted to {schedule_minutes:g} minutes"
+    elif schedule_end is not None:
+        cosine = f"cosine fitted to end at epoch {schedule_end}"
+    else:
+        cosine = f"cosine over {o.total_steps} epochs"
     return (
         f"preset {cfg.preset}, target batch {o.target_batch_size}, lr {o.lr:g} "
         f"(warm-up {o.warmup_steps}, {cosine}), "

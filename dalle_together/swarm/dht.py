@@ -156,6 +156,38 @@ def _explain(e: BaseException, initial: list[str], hosts: list[str], timeout_s: 
     return e
 
 
+def load_record_key(path: str | os.PathLike[str]) -> RSAPrivateKey:
+    """The RSA key in ``path`` (created, readable by its owner only, if missing): a peer that signs
+    with the same key across restarts keeps ownership of its records (the coordinator's definition
+    and schedule, which volunteers follow by key)."""
+    import tempfile
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    path = Path(path)
+    if path.is_file():
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        try:
+            key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
+        except ValueError:
+            raise UserError(f"{path} is not a private key; delete it to make a new one") from None
+        return key
+    key = RSAPrivateKey()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, like a key should be
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return key
+
+
 def signing_key(dht: hivemind.DHT) -> RSAPrivateKey:
     """The key that signs ``dht``'s records (hivemind's process-wide key for a DHT not started here)."""
     key = _SIGNING_KEYS.get(dht)

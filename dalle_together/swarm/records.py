@@ -5,8 +5,8 @@ Three records belong to a run ``R`` (hivemind's own ``R_progress``, ``R_state_av
 
 - ``R_definition``: the run's configuration and tokenizer files, one entry per publisher;
 - ``R_metrics``: one entry per peer (loss, throughput, samples contributed);
-- ``R_schedule``: the learning-rate schedule's length once the coordinator has fitted it to a
-  time budget (volunteers trust only the entry of the definition's publisher).
+- ``R_schedule``: the learning-rate schedule once the coordinator has fitted it to a time budget
+  (volunteers follow only the entry signed by the key that signed the definition they use).
 
 Each entry lives under a subkey holding its author's RSA public key and is signed with the
 matching private key, so only its author can change it (hivemind's ``RSASignatureValidator``);
@@ -108,6 +108,12 @@ class ScheduleRecord(pydantic.BaseModel):
 
     segments: pydantic.conlist(ScheduleSegment, min_items=1, max_items=MAX_SCHEDULE_SEGMENTS)
     time: pydantic.StrictFloat
+
+    @pydantic.validator("segments")
+    def _in_order(cls, segments: list[ScheduleSegment]) -> list[ScheduleSegment]:
+        if any(a.from_epoch >= b.from_epoch for a, b in zip(segments, segments[1:], strict=False)):
+            raise ValueError("segments must start at increasing epochs")
+        return segments
 
 
 class _RunSchema(pydantic.BaseModel):

@@ -22,7 +22,8 @@ whenever the pace changes, and the others follow:
   pulls its parameters back to the others'.
 
 The record is signed (hivemind's ``RSASignatureValidator``) and a volunteer only follows the entry
-published under the key that published the run's definition.
+published under the key that published the run's definition (the coordinator keeps that key
+across restarts): whoever may define the run may set its schedule, nobody else.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ SKIP_EPOCHS = 2
 """Epochs left out of the first measurement: volunteers are still joining, first steps allocate."""
 LEAD_S = 10.0
 """A new segment applies this many seconds of epochs ahead: time for every volunteer to read it."""
+CATCH_UP_EPOCHS = 50
+"""More epochs than this between two observations is the coordinator's view catching up (after a
+restart), not training: the pace is measured afresh from there."""
 REFIT_S = 30.0
-"""The coordinator predicts the end again this often (from the pace since its last fit)."""
+"""The coordinator predicts the end again this often (from the pace over this last stretch)."""
 REFIT_TOLERANCE = 0.03
 """...and appends a segment only if the predicted end moved by more than this share of the
 epochs left: a steady swarm keeps its schedule."""
@@ -80,33 +84,40 @@ class SwarmSchedule:
         self.cfg = cfg
         self.segments: tuple[Segment, ...] = tuple(segments)
 
-    def _segment(self, epoch: int) -> Segment | None:
-        return next((s for s in reversed(self.segments) if s.from_epoch <= epoch), None)
+    def multiplier(self, epoch: int) -> float:
+        segments = self.segments  # read once: a follower may replace it meanwhile
+        if _segment_at(segments, epoch) is None:
+            return lr_multiplier(epoch, self.cfg)
+        return cosine_multiplier(_progress(segments, epoch, self.cfg), self.cfg)
 
     def progress(self, epoch: int) -> float:
-        segment = self._segment(epoch)
-        if segment is None:
-            return schedule_progress(epoch, self.cfg)
-        span = max(segment.total_steps - segment.from_epoch, 1)
-        done = min(max(epoch - segment.from_epoch, 0) / span, 1.0)
-        return segment.start_progress + (1 - segment.start_progress) * done
-
-    def multiplier(self, epoch: int) -> float:
-        if self._segment(epoch) is None:
-            return lr_multiplier(epoch, self.cfg)
-        return cosine_multiplier(self.progress(epoch), self.cfg)
+        """How far along its cosine the schedule is at ``epoch`` (0: warm-up just ended, 1: the end)."""
+        return _progress(self.segments, epoch, self.cfg)
 
     def total_steps(self, epoch: int) -> int:
         """Where the cosine ends, as the schedule stands at ``epoch``."""
-        segment = self._segment(epoch)
+        segment = _segment_at(self.segments, epoch)
         return segment.total_steps if segment is not None else self.cfg.total_steps
+
+
+def _segment_at(segments: Sequence[Segment], epoch: int) -> Segment | None:
+    return next((s for s in reversed(segments) if s.from_epoch <= epoch), None)
+
+
+def _progress(segments: Sequence[Segment], epoch: int, cfg: OptimConfig) -> float:
+    segment = _segment_at(segments, epoch)
+    if segment is None:
+        return schedule_progress(epoch, cfg)
+    span = max(segment.total_steps - segment.from_epoch, 1)
+    done = min(max(epoch - segment.from_epoch, 0) / span, 1.0)
+    return segment.start_progress + (1 - segment.start_progress) * done
 
 
 class ScheduleFitter:
     """The coordinator's side: measure the global epoch's pace and fit the schedule to ``deadline``.
 
     :param deadline: ``time.monotonic()`` at which the run's time budget ends.
-    :param segments: the schedule fitted so far (a restarted coordinator's checkpoint has it).
+    :param segments: the schedule fitted so far (a restarted coordinator has it).
     """
 
     def __init__(
@@ -124,14 +135,22 @@ class ScheduleFitter:
         self.deadline, self.fit_after_epochs, self.skip_epochs = deadline, fit_after_epochs, skip_epochs
         self.refit_s, self.lead_s = refit_s, lead_s
         self._first: int | None = None
+        self._last: int | None = None
         self._window: tuple[int, float] | None = None
         """(epoch, time) the current pace measurement started at."""
 
     def observe(self, epoch: int, now: float) -> bool:
-        """Feed the global epoch seen at ``now`` (poll often: the pace's clock starts at the first
-        observation); True if a segment was appended."""
+        """Feed the global epoch seen at ``now``; True if a segment was appended.
+
+        Poll often: the pace's clock starts at the first observation ``skip_epochs`` past the first
+        epoch seen, and each measurement ends at the first observation ``fit_after_epochs`` (and,
+        once fitted, ``refit_s`` seconds) later.
+        """
+        last, self._last = self._last, epoch
         if self._first is None or epoch < self._first:
             self._first, self._window = epoch, None
+        elif last is not None and epoch - last > CATCH_UP_EPOCHS:
+            self._window = None
         if epoch < self._first + self.skip_epochs:
             return False
         if self._window is None:
@@ -140,22 +159,24 @@ class ScheduleFitter:
         start_epoch, start_time = self._window
         if epoch - start_epoch < self.fit_after_epochs or now - start_time < self._min_window_s():
             return False
+        self._window = (epoch, now)
         left = self.deadline - now
-        if left < 2 * self.lead_s or len(self.schedule.segments) >= MAX_SCHEDULE_SEGMENTS:
+        if left < 2 * self.lead_s:
             return False  # too late for a change to matter
         pace = (epoch - start_epoch) / (now - start_time)
+        segments = self.schedule.segments
         from_epoch = max(epoch + math.ceil(pace * self.lead_s) + 1, self.schedule.cfg.warmup_steps)
-        if self.schedule.segments:  # segments apply in order
-            from_epoch = max(from_epoch, self.schedule.segments[-1].from_epoch + 1)
+        if segments:  # segments apply in order
+            from_epoch = max(from_epoch, segments[-1].from_epoch + 1)
         total = max(epoch + int(pace * left), from_epoch + 1)
-        current = self.schedule.total_steps(from_epoch)
-        self._window = (epoch, now)
-        if self.schedule.segments and abs(total - current) <= REFIT_TOLERANCE * max(total - epoch, 1):
+        if segments and abs(total - self.schedule.total_steps(from_epoch)) <= REFIT_TOLERANCE * max(
+            total - epoch, 1
+        ):
             return False
         segment = Segment(
             from_epoch=from_epoch, total_steps=total, start_progress=self.schedule.progress(from_epoch)
         )
-        self.schedule.segments = (*self.schedule.segments, segment)
+        self.schedule.segments = (*_prune(segments, epoch - self.fit_after_epochs), segment)
         logger.info(
             f"schedule fitted to the time budget: the cosine ends at epoch {total} "
             f"(from epoch {from_epoch}; {pace:.2f} epochs/s measured at epoch {epoch}, {left:.0f} s left)"
@@ -164,6 +185,18 @@ class ScheduleFitter:
 
     def _min_window_s(self) -> float:
         return 0.0 if not self.schedule.segments else self.refit_s
+
+
+def _prune(segments: Sequence[Segment], before_epoch: int) -> tuple[Segment, ...]:
+    """The segments that still decide an epoch from ``before_epoch`` on (each one continues the
+    curve where the previous one left it, so the older ones are not needed), at most
+    ``MAX_SCHEDULE_SEGMENTS - 1`` of them."""
+    kept = [
+        s
+        for i, s in enumerate(segments)
+        if i + 1 == len(segments) or segments[i + 1].from_epoch > before_epoch
+    ]
+    return tuple(kept[-(MAX_SCHEDULE_SEGMENTS - 1) :])
 
 
 def publish_schedule(
