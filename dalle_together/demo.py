@@ -185,10 +185,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--minutes", type=float, default=5.0, help="collaborative training time")
-    # 2 minutes, not 1.5: over twelve demo/`train` pairs the demo's hold-out shape accuracy followed
-    # its image tokenizer's quality relative to `train`'s (correlation 0.82 with the PSNR
-    # difference), and `train --minutes 7` gives its own a quarter of the budget, ~1.75 minutes
-    parser.add_argument("--tokenizer-minutes", type=float, default=2.0, help="image tokenizer training time")
+    parser.add_argument("--tokenizer-minutes", type=float, default=1.5, help="image tokenizer training time")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per local step of each volunteer")
     parser.add_argument(
         "--target-batch-size",

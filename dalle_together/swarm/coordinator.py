@@ -384,10 +384,15 @@ def _keep_schedule(
     last_published, published = -math.inf, ()
     while not stop.is_set():
         try:
-            if fitter is not None and time.monotonic() < fitter.deadline:
-                epoch = max(read_status(dht, run_id).global_epoch, checkpointer.global_epoch)
-                if fitter.observe(epoch, time.monotonic()):
-                    keeper.set_segments(fitter.schedule.segments)
+            # the epoch as the auxiliary peer's progress tracker sees it: hivemind reads the swarm's
+            # progress there anyway (every 0.1-0.5 s), so watching it costs no DHT request
+            now = time.monotonic()
+            if (
+                fitter is not None
+                and now < fitter.deadline
+                and fitter.observe(checkpointer.global_epoch, now)
+            ):
+                keeper.set_segments(fitter.schedule.segments)
             segments = keeper.segments
             due = time.monotonic() - last_published >= SCHEDULE_EXPIRATION_S / 3
             if segments and (segments != published or due):
