@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dalle_together.processes import descendants
+from dalle_together.processes import kill_tree
 
 DEMO_PROMPTS = [
     "a large red circle in the center",
@@ -138,9 +138,7 @@ class CliProcess:
 
     def kill(self) -> None:
         """SIGKILL the child and all its descendants at once (its DHT, averagers and p2p daemon)."""
-        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(self.proc.pid)
         self.proc.wait()
 
 
@@ -158,10 +156,7 @@ def finish(command: subprocess.Popen, *, required: bool = True, timeout_s: float
     try:
         stdout, _ = command.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        # its DHT and p2p daemon hold the output pipe open too: they go with it
-        for pid in [command.pid, *descendants(command.pid)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(command.pid)  # its DHT and p2p daemon hold the output pipe open too
         stdout, _ = command.communicate()
         print(f"dalle-together {command.args[3]} did not finish in time; stopped it", file=sys.stderr)
         if required:

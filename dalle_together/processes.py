@@ -6,7 +6,9 @@ signal later records start times with them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -65,6 +67,14 @@ def descendants(root: int) -> dict[int, ProcessStat]:
                 found[child.pid] = child
                 todo.append(child.pid)
     return found
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and all its descendants at once (a peer's DHT, averagers and p2p daemon;
+    they would keep the pipes it shares with its parent open)."""
+    for pid in [root, *descendants(root)]:  # listed first: once root dies they are reparented
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def tree_cpu_s(root: int) -> float:
