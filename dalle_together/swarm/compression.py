@@ -28,7 +28,7 @@ from hivemind.proto import runtime_pb2
 
 
 class FastUniform8BitQuantization(Uniform8BitQuantization):
-    """hivemind's ``UNIFORM_8BIT`` encoding: encodes 1.2-2.4x faster, decodes 2.5-4.5x faster (this
+    """hivemind's ``UNIFORM_8BIT`` encoding: encodes 1.3-2.4x faster, decodes 2.5-4.5x faster (this
     noisy machine, three runs of ``python -m benchmarks.bench_codec``)."""
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> tuple[np.ndarray, np.ndarray]:
