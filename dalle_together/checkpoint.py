@@ -22,18 +22,24 @@ from dalle_together.errors import UserError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+def atomic_path(path: str | os.PathLike[str], *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    :param mode: the file's permissions, set before anything is written (``0o600`` for a secret);
+      default ``0o644``, set once written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        if mode is not None:
+            os.chmod(tmp_path, mode)
         yield tmp_path
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; checkpoints are meant to be shared
+        os.chmod(tmp_path, 0o644 if mode is None else mode)  # mkstemp makes 0600; checkpoints are shared
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

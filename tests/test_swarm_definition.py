@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.wrappers_pb2 import BytesValue, StringValue
+from hivemind.utils import get_dht_time
 
-from dalle_together.config import preset
+from dalle_together.config import RunConfig, preset
 from dalle_together.errors import UserError
 from dalle_together.swarm.definition import (
     check_compatible,
     download_files,
     fetch_definition,
+    files_protocol,
     publish_definition,
 )
-from dalle_together.swarm.dht import local_public_key, visible_maddrs
+from dalle_together.swarm.dht import local_public_key, peer_id_of, visible_maddrs
+from dalle_together.swarm.records import DefinitionRecord, definition_key, read_entries
 
 RUN = "defn-test"
 FILES = ("vqvae.safetensors", "vqvae.json", "text_tokenizer.json")
@@ -78,6 +81,55 @@ def test_joiner_fetches_the_definition_and_verified_files(start_peer, tokenizer_
         .read_text()
         .endswith("666}")
     )
+
+
+def another_cfg() -> RunConfig:
+    cfg = preset("tiny")
+    return cfg.replace(optim=dataclasses.replace(cfg.optim, lr=1.0))
+
+
+def store_definition(dht, cfg: RunConfig, *, time_s: float) -> None:
+    """Store a definition as any peer can: signed by itself, dated as it likes."""
+    record = DefinitionRecord(
+        config=cfg.to_dict(),
+        fingerprint=cfg.fingerprint(),
+        files=[],
+        server_peer_id=str(dht.peer_id),
+        protocol=files_protocol(RUN),
+        time=time_s,
+    )
+    assert dht.store(definition_key(RUN), record.dict(), get_dht_time() + 60, subkey=local_public_key(dht))
+
+
+@pytest.mark.timeout(60)
+def test_a_definition_dated_in_the_future_is_refused(start_peer, tokenizer_files):
+    coordinator = start_peer(RUN)
+    impostor = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    joiner = start_peer(RUN, initial_peers=visible_maddrs(coordinator), client_mode=True)
+    published = publish_definition(coordinator, RUN, preset("tiny"), tokenizer_files, expiration_s=60)
+    # dated an hour ahead, it would stay the newest entry, and its author the run's publisher
+    store_definition(impostor, another_cfg(), time_s=get_dht_time() + 3600)
+    assert len(read_entries(joiner, definition_key(RUN), DefinitionRecord)) == 2
+    assert fetch_definition(joiner, RUN, timeout_s=10) == published
+
+    # a clock a little ahead is no attack: that entry is the newest
+    store_definition(impostor, another_cfg(), time_s=get_dht_time() + 30)
+    assert fetch_definition(joiner, RUN, timeout_s=10).config == another_cfg()
+
+
+@pytest.mark.timeout(60)
+def test_the_bootstrap_peer_s_definition_wins_over_a_newer_one(start_peer, tokenizer_files):
+    coordinator = start_peer(RUN)
+    other = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    published = publish_definition(coordinator, RUN, preset("tiny"), tokenizer_files, expiration_s=60)
+    newer = publish_definition(other, RUN, another_cfg(), tokenizer_files, expiration_s=60)
+    assert newer.published_at > published.published_at
+
+    addresses = visible_maddrs(coordinator)  # what a volunteer is given
+    joiner = start_peer(RUN, initial_peers=addresses, client_mode=True)
+    trusted = {peer_id_of(address) for address in addresses}
+    assert fetch_definition(joiner, RUN, timeout_s=10, trusted_peer_ids=trusted) == published
+    assert fetch_definition(joiner, RUN, timeout_s=10) == newer  # no trusted peer: the newest
 
 
 _STREAMS_SERVED: dict[str, int] = {}  # file name -> streams opened for it, in the serving DHT's process

@@ -15,9 +15,17 @@ from dalle_together.errors import UserError
 from dalle_together.optim import lr_multiplier
 from dalle_together.swarm.checkpointer import SwarmCheckpointer
 from dalle_together.swarm.coordinator import RECORD_KEY_FILE, _CheckpointKeeper, _keep_schedule
+from dalle_together.swarm.definition import fetch_definition, publish_definition
 from dalle_together.swarm.dht import load_record_key, local_public_key, start_dht, visible_maddrs
 from dalle_together.swarm.optimizer import _make_scheduler
-from dalle_together.swarm.records import MAX_SCHEDULE_SEGMENTS, run_validators, schedule_key
+from dalle_together.swarm.records import (
+    MAX_SCHEDULE_SEGMENTS,
+    DefinitionRecord,
+    definition_key,
+    read_entries,
+    run_validators,
+    schedule_key,
+)
 from dalle_together.swarm.schedule import (
     ScheduleFitter,
     ScheduleFollower,
@@ -26,6 +34,7 @@ from dalle_together.swarm.schedule import (
     publish_schedule,
     read_schedule,
 )
+from dalle_together.swarm.volunteer import follow_schedule
 
 RUN = "schedule-test"
 OPTIM = dataclasses.replace(preset("tiny").optim, warmup_steps=40, total_steps=3000, min_lr_ratio=0.1)
@@ -161,6 +170,34 @@ def test_volunteers_follow_only_the_definition_publisher_s_schedule(start_peer):
         assert not impostor.store(
             schedule_key(RUN), record, get_dht_time() + 60, subkey=local_public_key(impostor)
         )
+
+
+@pytest.mark.timeout(60)
+def test_volunteers_follow_a_schedule_only_if_the_coordinator_fits_one(start_peer, tmp_path):
+    coordinator = start_peer(RUN)
+    volunteer = start_peer(RUN, initial_peers=visible_maddrs(coordinator))
+    cfg, files = preset("tiny"), {"vqvae.json": tmp_path / "vqvae.json"}
+    files["vqvae.json"].write_text("{}")
+
+    publish_definition(coordinator, RUN, cfg, files, expiration_s=60)  # a run of --total-steps
+    definition = fetch_definition(volunteer, RUN, timeout_s=10)
+    assert not definition.fitted_schedule
+    assert follow_schedule(volunteer, definition, SwarmSchedule(cfg.optim)) is None
+    # the definition of an older version, without the flag, is a run without a fitted schedule too
+    [entry] = read_entries(volunteer, definition_key(RUN), DefinitionRecord).values()
+    assert DefinitionRecord.parse_obj(entry.dict(exclude={"fitted_schedule"})).fitted_schedule is False
+
+    # restarted with --schedule-minutes
+    publish_definition(coordinator, RUN, cfg, files, expiration_s=60, fitted_schedule=True)
+    fitted = (Segment(from_epoch=40, total_steps=300, start_progress=0.0),)
+    assert publish_schedule(coordinator, RUN, fitted)
+    definition = fetch_definition(volunteer, RUN, timeout_s=10)
+    assert definition.fitted_schedule
+    schedule = SwarmSchedule(cfg.optim)
+    follower = follow_schedule(volunteer, definition, schedule)
+    assert follower is not None
+    start_peer.on_shutdown(follower.stop)
+    assert schedule.segments == fitted
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +261,17 @@ def run_coordinator(
         remembered = _remembered_peers(run_dir)
         reconnected = reconnect(dht, remembered) if remembered else None
         files = {name: run_dir / name for name in TOKENIZER_FILES}
-        publish_definition(dht, options.run_id, cfg, files, expiration_s=DEFINITION_EXPIRATION_S)
+        publish = partial(
+            publish_definition,
+            dht,
+            options.run_id,
+            cfg,
+            files,
+            expiration_s=DEFINITION_EXPIRATION_S,
+            # volunteers follow a schedule only if one comes: fitted from now on, or before a restart
+            fitted_schedule=options.schedule_minutes is not None or (run_dir / SCHEDULE_FILE).is_file(),
+        )
+        publish()
         # read the addresses before any optimizer exists (hivemind 1.1.12 may hang on them later)
         addresses = visible_maddrs(dht)
 
@@ -325,7 +336,7 @@ def run_coordinator(
                 )
             )
             if time.monotonic() - last_published >= DEFINITION_REFRESH_S:
-                publish_definition(dht, options.run_id, cfg, files, expiration_s=DEFINITION_EXPIRATION_S)
+                publish()
                 last_published = time.monotonic()
     finally:
         stop_saver.set()

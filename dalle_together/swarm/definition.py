@@ -18,7 +18,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,11 +35,20 @@ from dalle_together.checkpoint import atomic_path
 from dalle_together.config import RunConfig
 from dalle_together.errors import UserError
 from dalle_together.swarm.dht import local_public_key
-from dalle_together.swarm.records import FILE_NAME_REGEX, DefinitionRecord, FileEntry, definition_key
+from dalle_together.swarm.records import (
+    FILE_NAME_REGEX,
+    DefinitionRecord,
+    FileEntry,
+    definition_key,
+    read_entries,
+)
 
 logger = get_logger(__name__)
 
 CHUNK_BYTES = 1 << 20
+FUTURE_TOLERANCE_S = 60.0
+"""A joiner refuses an entry dated further ahead of its clock than this: the newest entry wins, so
+a peer that dated its own in the future would stay the run's publisher (and its schedule's)."""
 DOWNLOAD_ATTEMPTS = 3
 """A file's download is tried this many times (1 s, then 2 s apart): a stream the network cuts ends,
 for hivemind's client, like a complete one (it stops reading at the connection's end, without an
@@ -71,6 +80,8 @@ class RunDefinition:
     publisher: bytes = b""
     """The subkey (signed public key) the definition was published under: the coordinator's key,
     the only one whose schedule updates (:mod:`.schedule`) a volunteer follows."""
+    fitted_schedule: bool = False
+    """Whether the coordinator publishes a schedule fitted to a time budget (else none ever comes)."""
 
 
 def files_protocol(run_id: str) -> str:
@@ -134,11 +145,14 @@ def publish_definition(
     files: Mapping[str, str | os.PathLike[str]],
     *,
     expiration_s: float = 300.0,
+    fitted_schedule: bool = False,
 ) -> RunDefinition:
     """Publish run ``run_id``'s definition for ``expiration_s`` s and serve ``files`` (name -> path).
 
     Call it again before the expiration (e.g. every ``expiration_s / 3``) to keep the run visible;
     re-publishing is cheap (file hashes are cached) and picks up changed files.
+    :param fitted_schedule: this peer publishes the run's schedule (:mod:`.schedule`); volunteers
+      follow one only if the definition says so.
     """
     entries, table = [], {}
     for name, path in sorted(files.items()):
@@ -159,6 +173,7 @@ def publish_definition(
         server_peer_id=str(dht.peer_id),
         protocol=files_protocol(run_id),
         time=float(now),
+        fitted_schedule=fitted_schedule,
     )
     stored = dht.store(
         key=definition_key(run_id),
@@ -195,47 +210,55 @@ def _to_definition(run_id: str, record: DefinitionRecord, *, publisher: bytes) -
         protocol=record.protocol,
         published_at=record.time,
         publisher=publisher,
+        fitted_schedule=record.fitted_schedule,
     )
 
 
 # --- the joiner side --------------------------------------------------------------------------
 
 
-def fetch_definition(dht: hivemind.DHT, run_id: str, *, timeout_s: float = 15.0) -> RunDefinition:
+def fetch_definition(
+    dht: hivemind.DHT, run_id: str, *, timeout_s: float = 15.0, trusted_peer_ids: Collection[str] = ()
+) -> RunDefinition:
     """Find run ``run_id``'s definition in the DHT, retrying for up to ``timeout_s`` seconds.
 
-    With several publishers (e.g. a restarted coordinator whose old entry has not expired yet)
-    the most recently published entry wins.
+    Any peer may publish an entry: one served by a peer of ``trusted_peer_ids`` (those this peer
+    bootstrapped from, usually the coordinator) wins; without one, the most recently published entry
+    (e.g. a restarted coordinator's, whose old entry has not expired yet). An entry dated in the
+    future is refused, or its author would stay the newest publisher. The server peer id is what
+    an entry says of itself: this settles honest conflicts (a stale coordinator, a second run
+    under the same id), not a peer that lies; authenticating the publisher is the security work's.
     :raises UserError: no peer serves the run, or its definition is not usable here.
     """
     deadline = get_dht_time() + timeout_s
     while True:
-        records = []
-        future = dht.get(definition_key(run_id), latest=True, return_future=True)
-        try:
-            found = future.result(timeout=max(deadline - get_dht_time(), 0.5))
-        except TimeoutError:
-            future.cancel()
-            found = None
-        if found is not None and isinstance(found.value, dict):
-            for subkey, entry in found.value.items():
-                if entry.value is None:
-                    continue
-                try:
-                    records.append((DefinitionRecord.parse_obj(entry.value), subkey))
-                except Exception as e:
-                    logger.debug(f"ignoring a malformed definition entry: {e}")
-        if records:
-            newest, publisher = max(records, key=lambda pair: pair[0].time)
-            if len({r.fingerprint for r, _ in records}) > 1:
-                logger.warning(f"peers publish different definitions of run {run_id!r}; using the newest")
-            return _to_definition(run_id, newest, publisher=publisher)
+        timeout = max(deadline - get_dht_time(), 0.5)
+        entries = read_entries(dht, definition_key(run_id), DefinitionRecord, timeout_s=timeout)
+        now, valid = get_dht_time(), {}
+        for subkey, record in entries.items():
+            if record.time > now + FUTURE_TOLERANCE_S:
+                logger.debug(f"ignoring a definition of run {run_id!r} dated {record.time - now:.0f} s ahead")
+            else:
+                valid[subkey] = record
+        if valid:
+            publisher, record = _choose_entry(run_id, valid, trusted_peer_ids)
+            return _to_definition(run_id, record, publisher=publisher)
         if get_dht_time() >= deadline:
             raise UserError(
                 f"no peer serves run {run_id!r} (waited {timeout_s:.0f} s); check the run id and that "
                 f"its coordinator is running"
             )
         time.sleep(min(1.0, max(deadline - get_dht_time(), 0.0)))
+
+
+def _choose_entry(
+    run_id: str, entries: Mapping[bytes, DefinitionRecord], trusted_peer_ids: Collection[str]
+) -> tuple[bytes, DefinitionRecord]:
+    """(subkey, record) of the newest entry a trusted peer serves, else of the newest entry."""
+    trusted = {s: r for s, r in entries.items() if r.server_peer_id in trusted_peer_ids}
+    if not trusted and len({r.fingerprint for r in entries.values()}) > 1:
+        logger.warning(f"peers publish different definitions of run {run_id!r}; using the newest")
+    return max((trusted or entries).items(), key=lambda item: item[1].time)
 
 
 def check_compatible(definition: RunDefinition, local_overrides: Mapping[str, Any]) -> RunConfig:

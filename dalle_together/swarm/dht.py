@@ -17,6 +17,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import hivemind
@@ -29,6 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.logging import get_logger
 from hivemind.utils.multiaddr import Multiaddr
 
+from dalle_together.checkpoint import atomic_path
 from dalle_together.errors import UserError
 
 logger = get_logger(__name__)
@@ -58,6 +60,11 @@ def check_initial_peer(maddr: str) -> str:
             f"coordinator prints (like /ip4/203.0.113.7/tcp/31337/p2p/12D3KooW...)"
         )
     return str(parsed)
+
+
+def peer_id_of(maddr: str) -> str:
+    """The peer id (base58) in a full address's ``/p2p/<id>`` part."""
+    return Multiaddr(check_initial_peer(maddr))["p2p"]
 
 
 def start_dht(
@@ -160,9 +167,6 @@ def load_record_key(path: str | os.PathLike[str]) -> RSAPrivateKey:
     """The RSA key in ``path`` (created, readable by its owner only, if missing): a peer that signs
     with the same key across restarts keeps ownership of its records (the coordinator's definition
     and schedule, which volunteers follow by key)."""
-    import tempfile
-    from pathlib import Path
-
     from cryptography.hazmat.primitives import serialization
 
     path = Path(path)
@@ -174,17 +178,8 @@ def load_record_key(path: str | os.PathLike[str]) -> RSAPrivateKey:
             raise UserError(f"{path} is not a private key; delete it to make a new one") from None
         return key
     key = RSAPrivateKey()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600, like a key should be
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with atomic_path(path, mode=0o600) as tmp:
+        tmp.write_bytes(key.to_bytes())
     return key
 
 

@@ -13,12 +13,9 @@ from dataclasses import dataclass
 import hivemind
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
-from hivemind.utils.logging import get_logger
 
 from dalle_together.swarm.dht import local_public_key
-from dalle_together.swarm.records import PeerMetrics, metrics_key, progress_key
-
-logger = get_logger(__name__)
+from dalle_together.swarm.records import PeerMetrics, metrics_key, progress_key, read_entries
 
 __all__ = ["PeerMetrics", "RunStatus", "publish_metrics", "read_metrics", "read_status"]
 
@@ -76,33 +73,12 @@ def withdraw_metrics(dht: hivemind.DHT, run_id: str, *, expiration_s: float = 60
 
 def read_metrics(dht: hivemind.DHT, run_id: str) -> list[PeerMetrics]:
     """The metrics of every alive peer (entry not expired), ordered by peer id."""
-    found = dht.get(metrics_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    peers = []
-    for entry in found.value.values():
-        if entry.value is None:
-            continue  # a peer that said goodbye
-        try:
-            peers.append(PeerMetrics.parse_obj(entry.value))
-        except Exception as e:  # written by a peer without validators, or a different version
-            logger.debug(f"ignoring a malformed metrics entry: {e}")
+    peers = read_entries(dht, metrics_key(run_id), PeerMetrics).values()
     return sorted(peers, key=lambda m: m.peer_id)
 
 
 def _read_progress(dht: hivemind.DHT, run_id: str) -> list[LocalTrainingProgress]:
-    found = dht.get(progress_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    out = []
-    for entry in found.value.values():
-        if entry.value is None:
-            continue
-        try:
-            out.append(LocalTrainingProgress.parse_obj(entry.value))
-        except Exception as e:
-            logger.debug(f"ignoring a malformed progress entry: {e}")
-    return out
+    return list(read_entries(dht, progress_key(run_id), LocalTrainingProgress).values())
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,13 +21,18 @@ with strict field types (a record that needs any type conversion is rejected).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, TypeVar
 
+import hivemind
 import pydantic.v1 as pydantic
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils.logging import get_logger
 
 from dalle_together.errors import UserError
+
+logger = get_logger(__name__)
+Record = TypeVar("Record", bound=pydantic.BaseModel)
 
 FILE_NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A served file's name: a plain file name, never a path (joiners write it into their cache)."""
@@ -90,6 +95,9 @@ class DefinitionRecord(pydantic.BaseModel):
     protocol: pydantic.constr(strict=True, min_length=1, max_length=256)
     """The libp2p protocol (stream handler name) it serves them under."""
     time: pydantic.StrictFloat
+    fitted_schedule: pydantic.StrictBool = False
+    """Whether the coordinator fits the schedule to a time budget and publishes it under
+    ``R_schedule``: only then do volunteers poll for it. Records of older versions lack it."""
 
 
 MAX_SCHEDULE_SEGMENTS = 64
@@ -120,6 +128,34 @@ class _RunSchema(pydantic.BaseModel):
     metrics: dict[BytesWithPublicKey, PeerMetrics | None]
     definition: dict[BytesWithPublicKey, DefinitionRecord | None]
     schedule: dict[BytesWithPublicKey, ScheduleRecord | None]
+
+
+def read_entries(
+    dht: hivemind.DHT, key: str, schema: type[Record], *, timeout_s: float | None = None
+) -> dict[bytes, Record]:
+    """The entries under ``key`` that match ``schema``, by subkey (the public key of their author).
+
+    An entry whose value is ``None`` is a peer that said goodbye; a malformed one was stored by a
+    peer without the run's validators or of another version, and must not hide the others'.
+    With ``timeout_s``, a DHT that has not answered by then reads as no entries yet.
+    """
+    future = dht.get(key, latest=True, return_future=True)
+    try:
+        found = future.result(timeout=timeout_s)
+    except TimeoutError:
+        future.cancel()
+        return {}
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    records = {}
+    for subkey, entry in found.value.items():
+        if entry.value is None:
+            continue
+        try:
+            records[subkey] = schema.parse_obj(entry.value)
+        except Exception as e:
+            logger.debug(f"ignoring a malformed entry of {key}: {e}")
+    return records
 
 
 def run_validators(run_id: str) -> list[RecordValidatorBase]:

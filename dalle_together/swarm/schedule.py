@@ -41,7 +41,7 @@ from hivemind.utils.logging import get_logger
 from dalle_together.config import OptimConfig
 from dalle_together.optim import cosine_multiplier, lr_multiplier, schedule_progress
 from dalle_together.swarm.dht import local_public_key
-from dalle_together.swarm.records import MAX_SCHEDULE_SEGMENTS, ScheduleRecord, schedule_key
+from dalle_together.swarm.records import MAX_SCHEDULE_SEGMENTS, ScheduleRecord, read_entries, schedule_key
 
 logger = get_logger(__name__)
 
@@ -217,16 +217,8 @@ def publish_schedule(
 
 def read_schedule(dht: hivemind.DHT, run_id: str, *, publisher: bytes) -> tuple[Segment, ...] | None:
     """The segments ``publisher`` (the definition's key) published, if any."""
-    found = dht.get(schedule_key(run_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return None
-    entry = found.value.get(publisher)
-    if entry is None or entry.value is None:
-        return None
-    try:
-        record = ScheduleRecord.parse_obj(entry.value)
-    except Exception as e:
-        logger.debug(f"ignoring a malformed schedule entry: {e}")
+    record = read_entries(dht, schedule_key(run_id), ScheduleRecord).get(publisher)
+    if record is None:
         return None
     return segments_from_dicts([s.dict() for s in record.segments])
 

@@ -36,8 +36,8 @@ import torch
 from dalle_together.config import RunConfig
 from dalle_together.errors import UserError
 from dalle_together.processes import remove_orphaned_shared_memory
-from dalle_together.swarm.definition import check_compatible, download_files, fetch_definition
-from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, start_dht
+from dalle_together.swarm.definition import RunDefinition, check_compatible, download_files, fetch_definition
+from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, peer_id_of, start_dht
 from dalle_together.swarm.metrics import publish_metrics, read_status, withdraw_metrics
 from dalle_together.swarm.optimizer import make_swarm_optimizer
 from dalle_together.swarm.records import run_validators
@@ -162,7 +162,12 @@ def run_volunteer(
     follower: ScheduleFollower | None = None
     joined = False
     try:
-        definition = fetch_definition(dht, options.run_id, timeout_s=options.definition_timeout_s)
+        definition = fetch_definition(
+            dht,
+            options.run_id,
+            timeout_s=options.definition_timeout_s,
+            trusted_peer_ids={peer_id_of(maddr) for maddr in options.initial_peers},
+        )
         cfg = check_compatible(
             definition,
             {
@@ -182,7 +187,7 @@ def run_volunteer(
 
         model = build_model(cfg, options.device)
         schedule = SwarmSchedule(cfg.optim)
-        follower = ScheduleFollower(dht, options.run_id, publisher=definition.publisher, schedule=schedule)
+        follower = follow_schedule(dht, definition, schedule)
         optimizer = make_swarm_optimizer(
             dht=dht,
             run_id=options.run_id,
@@ -228,6 +233,16 @@ def run_volunteer(
         if follower is not None:
             follower.stop()
         _leave(dht, options.run_id, optimizer, said_hello=joined)
+
+
+def follow_schedule(
+    dht: hivemind.DHT, definition: RunDefinition, schedule: SwarmSchedule
+) -> ScheduleFollower | None:
+    """Keep ``schedule`` up to date with the one the coordinator fits, if it fits one (without a
+    time budget no schedule record ever comes: polling for it would be a DHT request every 2 s)."""
+    if not definition.fitted_schedule:
+        return None
+    return ScheduleFollower(dht, definition.run_id, publisher=definition.publisher, schedule=schedule)
 
 
 class _Trainer:
