@@ -19,9 +19,12 @@ True)`` and waits until its group is assembled); then every peer allows the all-
 wall-clock instant, and the round's time is the time from that instant until the *last* peer has
 its averaged tensors in place: compression, transfer, reduction, decompression and the update,
 everything a training step waits for. Bytes are the frames each peer's interface sent during that
-time (TCP/IP and Ethernet headers, libp2p framing and protobuf included). Rounds are repeated and
-the median is reported; the numerical error is ``||average - exact mean|| / ||exact mean||`` of
-peer 0's result after the first round.
+time (TCP/IP and Ethernet headers, libp2p framing and protobuf included). A training run averages
+every epoch over the same connections, so the first ``--warmup-rounds`` rounds (1 by default: the
+first round dials the connections between peers that only knew the first one, and TCP learns each
+link's rate) are reported apart and the median of the rounds after them is the result; the
+numerical error is ``||average - exact mean|| / ||exact mean||`` of peer 0's result after the
+first timed round.
 
 Bounds: ``S`` is the compressed size of one peer's tensors, ``B`` the link's rate in bytes/s; a
 bandwidth-optimal all-reduce (reduce-scatter then all-gather) sends ``2 (N-1)/N * S`` bytes per peer
@@ -188,8 +191,10 @@ def relative_error(spec: PeerSpec, averager, shapes: list[tuple[int, ...]]) -> f
 def measure(
     tb, *, size: str, compression: str, rounds: int, rate_mbit: float, part_size_bytes: int,
     threshold: int, quantization_threads: int, logs: Path, hivemind_declarations: bool = False,
+    warmup_rounds: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
-    """One setting: start the peers, run ``rounds`` timed all-reduces, stop the peers."""
+    """One setting: start the peers, run ``warmup_rounds`` and then ``rounds`` timed all-reduces, stop
+    the peers."""
     n = len(tb.hosts)
     peers: list[PeerProcess] = []
 
@@ -215,8 +220,8 @@ def measure(
 
     try:
         start_peers(tb, start, timeout_s=180)
-        times, sent, cpu, error = [], [], [], None
-        for r in range(rounds):
+        warmup_times, times, sent, cpu, error = [], [], [], [], None
+        for r in range(warmup_rounds + rounds):
             for peer in peers:
                 peer.send("step")
             if not all(peer.answer(timeout_s=180)["ready"] for peer in peers):
@@ -228,10 +233,13 @@ def measure(
                 peer.send(f"go {start}")
             answers = [peer.answer(timeout_s=900) for peer in peers]
             after = [tb.tx_bytes(i) for i in range(n)]
+            if r < warmup_rounds:
+                warmup_times.append(max(a["seconds"] for a in answers))
+                continue
             cpu.append(sum(tb.cpu_seconds(i) for i in range(n)) - cpu_before)
             times.append(max(a["seconds"] for a in answers))
             sent.append(statistics.mean(a - b for a, b in zip(after, before, strict=True)))
-            if r == 0:
+            if r == warmup_rounds:
                 peers[0].send("error")
                 error = peers[0].answer(timeout_s=900)["relative_error"]
         for peer in peers:
@@ -254,6 +262,7 @@ def measure(
         "peers": n,
         "rate_mbit": rate_mbit,
         "rounds": rounds,
+        "warmup_seconds": warmup_times,
         "compressed_bytes": s_bytes,
         "seconds": seconds,
         "all_seconds": times,
@@ -273,13 +282,14 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         f"`{command}`",
         "",
         "| params | compression | peers | link Mbit/s | all-reduce s | bound s | time / bound "
-        "| sent MB/peer | bound MB | sent / bound | relative error | CPU cores busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| warm-up round / bound | sent MB/peer | bound MB | sent / bound | relative error | CPU cores busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        warmup = " / ".join(f"{t / r['bound_seconds']:.2f}" for t in r["warmup_seconds"]) or "-"
         lines.append(
             f"| {r['size']} | {r['compression']} | {r['peers']} | {r['rate_mbit']:g} | {r['seconds']:.2f} "
-            f"| {r['bound_seconds']:.2f} | **{r['time_over_bound']:.2f}** | {r['sent_bytes_per_peer'] / 1e6:.1f} "
+            f"| {r['bound_seconds']:.2f} | **{r['time_over_bound']:.2f}** | {warmup} | {r['sent_bytes_per_peer'] / 1e6:.1f} "
             f"| {r['bound_bytes_per_peer'] / 1e6:.1f} | {r['bytes_over_bound']:.3f} | {r['relative_error']:.1e} "
             f"| {r['cpu_cores_busy']:.2f} |"
         )
@@ -321,7 +331,13 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES))
     parser.add_argument("--peers", nargs="+", type=int)
     parser.add_argument("--compressions", nargs="+", choices=COMPRESSIONS)
-    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--rounds", type=int, help="timed rounds, after the warm-up rounds")
+    parser.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=1,
+        help="rounds run first and reported apart (new connections, TCP learning each link's rate)",
+    )
     parser.add_argument("--rate-mbit", type=float, default=100.0)
     parser.add_argument("--part-size-bytes", type=int, default=2**19, help="hivemind's default: 512 KiB")
     parser.add_argument("--quantization-threads", type=int, default=1)
@@ -362,6 +378,7 @@ def main() -> None:
                             part_size_bytes=args.part_size_bytes, threshold=threshold,
                             quantization_threads=args.quantization_threads, logs=Path(logs),
                             hivemind_declarations=args.hivemind_declarations,
+                            warmup_rounds=args.warmup_rounds,
                         )  # fmt: skip
                         results.append(result)
                         print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}), flush=True)
