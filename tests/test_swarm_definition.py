@@ -21,7 +21,7 @@ from dalle_together.swarm.definition import (
     files_protocol,
     publish_definition,
 )
-from dalle_together.swarm.dht import local_public_key, peer_id_of, visible_maddrs
+from dalle_together.swarm.dht import local_public_key, visible_maddrs
 from dalle_together.swarm.records import DefinitionRecord, definition_key, read_entries
 
 RUN = "defn-test"
@@ -127,8 +127,7 @@ def test_the_bootstrap_peer_s_definition_wins_over_a_newer_one(start_peer, token
 
     addresses = visible_maddrs(coordinator)  # what a volunteer is given
     joiner = start_peer(RUN, initial_peers=addresses, client_mode=True)
-    trusted = {peer_id_of(address) for address in addresses}
-    assert fetch_definition(joiner, RUN, timeout_s=10, trusted_peer_ids=trusted) == published
+    assert fetch_definition(joiner, RUN, timeout_s=10, trusted_peers=addresses) == published
     assert fetch_definition(joiner, RUN, timeout_s=10) == newer  # no trusted peer: the newest
 
 

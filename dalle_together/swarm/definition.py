@@ -34,7 +34,7 @@ from hivemind.utils.logging import get_logger
 from dalle_together.checkpoint import atomic_path
 from dalle_together.config import RunConfig
 from dalle_together.errors import UserError
-from dalle_together.swarm.dht import local_public_key
+from dalle_together.swarm.dht import local_public_key, peer_id_of
 from dalle_together.swarm.records import (
     FILE_NAME_REGEX,
     DefinitionRecord,
@@ -218,18 +218,20 @@ def _to_definition(run_id: str, record: DefinitionRecord, *, publisher: bytes) -
 
 
 def fetch_definition(
-    dht: hivemind.DHT, run_id: str, *, timeout_s: float = 15.0, trusted_peer_ids: Collection[str] = ()
+    dht: hivemind.DHT, run_id: str, *, timeout_s: float = 15.0, trusted_peers: Collection[str] = ()
 ) -> RunDefinition:
     """Find run ``run_id``'s definition in the DHT, retrying for up to ``timeout_s`` seconds.
 
-    Any peer may publish an entry: one served by a peer of ``trusted_peer_ids`` (those this peer
-    bootstrapped from, usually the coordinator) wins; without one, the most recently published entry
-    (e.g. a restarted coordinator's, whose old entry has not expired yet). An entry dated in the
+    Any peer may publish an entry: one served by a peer of ``trusted_peers`` (the full addresses
+    this peer bootstrapped from, its ``--initial-peers``: usually the coordinator) wins; without
+    one, the most recently published entry (e.g. a restarted coordinator's, whose old entry has not
+    expired yet). An entry dated in the
     future is refused, or its author would stay the newest publisher. The server peer id is what
     an entry says of itself: this settles honest conflicts (a stale coordinator, a second run
     under the same id), not a peer that lies; authenticating the publisher is the security work's.
     :raises UserError: no peer serves the run, or its definition is not usable here.
     """
+    trusted_ids = {peer_id_of(maddr) for maddr in trusted_peers}
     deadline = get_dht_time() + timeout_s
     while True:
         timeout = max(deadline - get_dht_time(), 0.5)
@@ -241,7 +243,7 @@ def fetch_definition(
             else:
                 valid[subkey] = record
         if valid:
-            publisher, record = _choose_entry(run_id, valid, trusted_peer_ids)
+            publisher, record = _choose_entry(run_id, valid, trusted_ids)
             return _to_definition(run_id, record, publisher=publisher)
         if get_dht_time() >= deadline:
             raise UserError(

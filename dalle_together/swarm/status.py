@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dalle_together.swarm.definition import RunDefinition, fetch_definition
-from dalle_together.swarm.dht import peer_id_of, start_dht
+from dalle_together.swarm.dht import start_dht
 from dalle_together.swarm.metrics import RunStatus, read_status
 from dalle_together.swarm.records import run_validators
 
@@ -59,9 +59,7 @@ def query_status(*, initial_peers: Sequence[str], run_id: str, timeout_s: float 
     """
     dht = start_dht(initial_peers=initial_peers, client_mode=True, record_validators=run_validators(run_id))
     try:
-        definition = fetch_definition(
-            dht, run_id, timeout_s=timeout_s, trusted_peer_ids={peer_id_of(maddr) for maddr in initial_peers}
-        )
+        definition = fetch_definition(dht, run_id, timeout_s=timeout_s, trusted_peers=initial_peers)
         return RunReport(definition=definition, status=read_status(dht, run_id))
     finally:
         dht.shutdown()

@@ -37,7 +37,7 @@ from dalle_together.config import RunConfig
 from dalle_together.errors import UserError
 from dalle_together.processes import remove_orphaned_shared_memory
 from dalle_together.swarm.definition import RunDefinition, check_compatible, download_files, fetch_definition
-from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, peer_id_of, start_dht
+from dalle_together.swarm.dht import DEFAULT_HOST_MADDRS, start_dht
 from dalle_together.swarm.metrics import publish_metrics, read_status, withdraw_metrics
 from dalle_together.swarm.optimizer import make_swarm_optimizer
 from dalle_together.swarm.records import run_validators
@@ -166,7 +166,7 @@ def run_volunteer(
             dht,
             options.run_id,
             timeout_s=options.definition_timeout_s,
-            trusted_peer_ids={peer_id_of(maddr) for maddr in options.initial_peers},
+            trusted_peers=options.initial_peers,
         )
         cfg = check_compatible(
             definition,
