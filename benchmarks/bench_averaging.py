@@ -339,6 +339,10 @@ def main() -> None:
         help="rounds run first and reported apart (new connections, TCP learning each link's rate)",
     )
     parser.add_argument("--rate-mbit", type=float, default=100.0)
+    parser.add_argument(
+        "--congestion-control",
+        help="the hosts' TCP congestion control (cubic, reno, bbr; default: this machine's)",
+    )
     parser.add_argument("--part-size-bytes", type=int, default=2**19, help="hivemind's default: 512 KiB")
     parser.add_argument("--quantization-threads", type=int, default=1)
     parser.add_argument(
@@ -370,7 +374,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-averaging-") as logs:
         for n in peer_counts:
-            with Testbed(n, rate_mbit=args.rate_mbit) as tb:
+            with Testbed(n, rate_mbit=args.rate_mbit, congestion_control=args.congestion_control) as tb:
                 for size in sizes:
                     for compression in compressions:
                         result = measure(

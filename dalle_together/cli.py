@@ -408,6 +408,15 @@ def coordinator(
             "(default: the preset's).",
         ),
     ] = None,
+    local_updates: Annotated[
+        bool | None,
+        typer.Option(
+            "--local-updates/--no-local-updates",
+            help="Volunteers step their own optimizer after every local batch and average parameters "
+            "every --average-state-every epochs, instead of averaging gradients into one step per "
+            "epoch; --lr is then the local step's (default: the preset's, gradient averaging).",
+        ),
+    ] = None,
     matchmaking_time: Annotated[
         float | None,
         typer.Option("--matchmaking-time", help="Seconds peers spend forming an averaging group."),
@@ -457,6 +466,10 @@ def coordinator(
         raise UserError("--lr must be positive")
     if schedule_minutes is not None and schedule_minutes <= 0:
         raise UserError("--schedule-minutes must be positive")
+    if local_updates and delayed_updates:
+        raise UserError("--local-updates applies every update at once: drop --delayed-updates")
+    if local_updates:
+        delayed_updates = False  # not the preset's: there is no gradient round to run in the background
     options = CoordinatorOptions(
         run_id=_check_run_id(run_id),
         checkpoint_dir=checkpoint_dir,
@@ -471,6 +484,7 @@ def coordinator(
             "swarm.matchmaking_time_s": matchmaking_time,
             "swarm.next_chunk_timeout_s": next_chunk_timeout,
             "swarm.average_state_every": average_state_every,
+            "swarm.local_updates": local_updates,
             "swarm.checkpoint_every_epochs": checkpoint_every_epochs,
             "swarm.keep_checkpoints": keep_checkpoints,
         },

@@ -211,6 +211,13 @@ class SwarmConfig:
     offload_optimizer: bool = True
     average_state_every: int = 5
     """Average parameters and optimizer state every this many epochs (see swarm.optimizer)."""
+    local_updates: bool = False
+    """Each volunteer steps its own optimizer after every local batch (hivemind's
+    ``use_local_updates``), and the swarm averages parameters every ``average_state_every`` epochs
+    in the background, instead of averaging gradients into one step per epoch. Many small steps
+    instead of one large one, and no epoch waits for a gradient round; the volunteers' parameters
+    drift apart between averaging rounds. The delay options do not apply. Measured in ``make demo``
+    (BENCHMARKS.md); the seed averaged gradients."""
     checkpoint_every_epochs: int = 2
     """The coordinator's auxiliary peer fetches and saves the state every K epochs."""
     keep_checkpoints: int = 3

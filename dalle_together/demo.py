@@ -2,9 +2,11 @@
 
 One command shows the whole collaboration on one machine: it runs the real ``dalle-together``
 commands as subprocesses (one torch thread each) — a coordinator that trains the tokenizers and
-starts the run, and two volunteers that join it and train the same model, averaging every
-optimizer step — then asks ``status`` who contributed what, stops everything, and draws a grid of
-fixed prompts from the coordinator's checkpoint. Every child is stopped on exit and on Ctrl-C.
+starts the run, and two volunteers that join it and train the same model — each stepping after
+every local batch, the two averaging their parameters every two epochs (``--no-local-updates``:
+averaging gradients into one step per epoch) — then asks ``status`` who contributed what, stops
+everything, and draws a grid of fixed prompts from the coordinator's checkpoint. Every child is
+stopped on exit and on Ctrl-C.
 
     python -m dalle_together.demo --out runs/demo [--minutes 5]
 """
@@ -183,16 +185,25 @@ def main() -> None:
     parser.add_argument("--tokenizer-minutes", type=float, default=1.5, help="image tokenizer training time")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per local step of each volunteer")
     parser.add_argument(
+        "--local-updates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each volunteer steps after every local batch, parameters averaged every few epochs "
+        "(default); --no-local-updates averages gradients into one step per epoch, as the seed did",
+    )
+    parser.add_argument(
         "--target-batch-size",
         type=int,
-        default=96,
-        help="samples per optimizer step, both volunteers together",
+        help="samples per epoch, both volunteers together (default: 128 with local updates, 96 without)",
     )
-    parser.add_argument("--lr", type=float, default=6e-3, help="peak learning rate of the run")
+    parser.add_argument(
+        "--lr", type=float, help="peak learning rate (default: 3e-3 with local updates, 6e-3 without)"
+    )
     parser.add_argument(
         "--delayed-updates",
         action="store_true",
-        help="apply each epoch's update in the background, during the next (the seed's choice for slow links)",
+        help="with --no-local-updates: apply each epoch's update in the background, during the next "
+        "(the seed's choice for slow links)",
     )
     parser.add_argument("--warmup-steps", type=int, default=40, help="learning-rate warm-up, in epochs")
     parser.add_argument(
@@ -210,7 +221,9 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint-every-epochs", type=int, default=100)
     parser.add_argument(
-        "--average-state-every", type=int, default=5, help="epochs between parameter/state averaging"
+        "--average-state-every",
+        type=int,
+        help="epochs between parameter averaging rounds (default: 2 with local updates, 5 without)",
     )
     parser.add_argument(
         "--verbose",
@@ -218,8 +231,22 @@ def main() -> None:
         help="volunteers log every averaging round and epoch (hivemind's log)",
     )
     args = parser.parse_args()
+    if args.local_updates and args.delayed_updates:
+        parser.error("--delayed-updates needs --no-local-updates (local updates are applied at once)")
+    for name, local, averaged in (
+        ("target_batch_size", 128, 96),
+        ("lr", 3e-3, 6e-3),
+        ("average_state_every", 2, 5),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, local if args.local_updates else averaged)
 
-    # A 5-minute demo wants many optimizer steps: a global batch of 96 (an epoch every ~0.75 s) and
+    # A 5-minute demo wants many optimizer steps. With local updates each volunteer steps after
+    # every 16 samples and the two average parameters every 2 epochs of 128 (~1.6 s): in the same
+    # wall time that learned more than `train` on both cores, and than gradient averaging, whose
+    # every epoch waits for a gradient round (BENCHMARKS.md). Its peak learning rate is a local
+    # step's. Without local updates (the seed's way), as measured before:
+    # a global batch of 96 (an epoch every ~0.75 s) and
     # 0.3 s of matchmaking, plenty on loopback (over the Internet, keep the preset's seconds and a
     # bigger batch). Measured on this data (BENCHMARKS.md): a peak learning rate of 6e-3 learns far
     # more than 2e-3; 96-sample steps learn more from the same samples than 128-sample ones, which
@@ -254,7 +281,9 @@ def main() -> None:
                 *(["--total-steps", str(args.total_steps)] if args.total_steps
                   else ["--schedule-minutes", str(args.minutes)]),
                 "--lr", str(args.lr),
-                "--delayed-updates" if args.delayed_updates else "--no-delayed-updates",
+                "--local-updates" if args.local_updates else "--no-local-updates",
+                *([] if args.local_updates else
+                  ["--delayed-updates" if args.delayed_updates else "--no-delayed-updates"]),
                 "--matchmaking-time", str(args.matchmaking_time),
                 "--next-chunk-timeout", str(args.next_chunk_timeout),
                 "--checkpoint-every-epochs", str(args.checkpoint_every_epochs),
@@ -330,7 +359,7 @@ def main() -> None:
     evaluation = json.loads(
         run("evaluate", "--checkpoint", str(coordinator_dir), "--num-captions", "24", "--json")
     )
-    _print_summary(summary, evaluation, grid=paths[-1])
+    _print_summary(summary, evaluation, grid=paths[-1], local_updates=args.local_updates)
 
 
 STATUS_LEAD_S = 20.0
@@ -338,12 +367,12 @@ STATUS_LEAD_S = 20.0
 run when the coordinator stops, on time (measured: 14-19 s from start to answer on 2 busy cores)."""
 
 
-def _print_summary(status: dict | None, evaluation: dict, *, grid: str) -> None:
+def _print_summary(status: dict | None, evaluation: dict, *, grid: str, local_updates: bool) -> None:
     print()
     if status is None:
         print("collaborative run: its status could not be read (see above)")
     else:
-        _print_contributions(status)
+        _print_contributions(status, local_updates=local_updates)
     state = json.loads((Path(evaluation["checkpoint"]) / "state.json").read_text())
     print(
         f"checkpoint: epoch {evaluation['step']} of a {state['schedule_total_steps']}-epoch "
@@ -356,9 +385,13 @@ def _print_summary(status: dict | None, evaluation: dict, *, grid: str) -> None:
     print(f"grid of {len(DEMO_PROMPTS)} prompts x 4 images: {grid}")
 
 
-def _print_contributions(status: dict) -> None:
-    print(f"collaborative run {status['run_id']!r}: {status['epoch']} optimizer steps (epochs) of "
-          f"{status['target_batch_size']} samples")  # fmt: skip
+def _print_contributions(status: dict, *, local_updates: bool) -> None:
+    if local_updates:
+        print(f"collaborative run {status['run_id']!r}: {status['epoch']} epochs of {status['target_batch_size']} "
+              "samples (each volunteer stepped after every local batch; parameters averaged)")  # fmt: skip
+    else:
+        print(f"collaborative run {status['run_id']!r}: {status['epoch']} optimizer steps (epochs) of "
+              f"{status['target_batch_size']} samples")  # fmt: skip
     for peer in status["peers"]:
         loss = f"{peer['loss']:.3f}" if peer["loss"] is not None else "-"
         print(
@@ -366,7 +399,7 @@ def _print_contributions(status: dict) -> None:
             f"{peer['samples_per_second']:.1f} samples/s, loss {loss}"
         )
     contributed = sum(peer["samples_total"] for peer in status["peers"])
-    if contributed:
+    if contributed and not local_updates:
         # samples past the target batch (peers learn of each other's progress with a delay) are
         # averaged in, but make no extra optimizer step
         stepped = status["epoch"] * status["target_batch_size"]

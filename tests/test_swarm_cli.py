@@ -305,6 +305,18 @@ def test_joiners_that_cannot_join_get_one_line_and_exit_2(running_coordinator, t
             ["join", "--initial-peers", NOBODY, "--run-id", "r", "--nice", "20"],
             "--nice must be between 0 and 19",
         ),
+        (
+            [
+                "coordinator",
+                "--run-id",
+                "r",
+                "--checkpoint-dir",
+                "/nonexistent/x",
+                "--local-updates",
+                "--delayed-updates",
+            ],
+            "--local-updates applies every update at once",
+        ),  # fmt: skip
     ],
 )
 def test_malformed_options_are_one_line_errors(args, words):

@@ -41,7 +41,7 @@ OPTIM = dataclasses.replace(preset("tiny").optim, warmup_steps=40, total_steps=3
 
 
 def test_the_first_fit_ends_the_cosine_at_the_deadline_at_the_measured_pace():
-    fitter = ScheduleFitter(cfg=OPTIM, deadline=310.0, fit_after_epochs=20, skip_epochs=2)
+    fitter = ScheduleFitter(schedule=SwarmSchedule(OPTIM), deadline=310.0, fit_after_epochs=20, skip_epochs=2)
     # the swarm gathers at epoch 0 for 10 s (volunteers downloading state), then 2 epochs a second
     assert not fitter.observe(0, 0.0)
     assert not fitter.observe(0, 10.0)
@@ -55,7 +55,9 @@ def test_the_first_fit_ends_the_cosine_at_the_deadline_at_the_measured_pace():
 
 
 def test_a_refit_follows_a_changed_pace_without_a_jump_in_the_learning_rate():
-    fitter = ScheduleFitter(cfg=OPTIM, deadline=600.0, fit_after_epochs=20, skip_epochs=0, refit_s=30.0)
+    fitter = ScheduleFitter(
+        schedule=SwarmSchedule(OPTIM), deadline=600.0, fit_after_epochs=20, skip_epochs=0, refit_s=30.0
+    )
     fitter.observe(0, 0.0)
     assert fitter.observe(20, 10.0)  # 2 epochs/s: the cosine ends at 20 + 2 * 590 = 1200
     assert fitter.schedule.segments[-1].total_steps == 1200
@@ -75,15 +77,19 @@ def test_a_refit_follows_a_changed_pace_without_a_jump_in_the_learning_rate():
 
 
 def test_a_fit_never_applies_before_warm_up_ends_nor_ends_before_it_applies():
-    slow = ScheduleFitter(cfg=OPTIM, deadline=600.0, fit_after_epochs=2, skip_epochs=0)
+    slow = ScheduleFitter(schedule=SwarmSchedule(OPTIM), deadline=600.0, fit_after_epochs=2, skip_epochs=0)
     slow.observe(0, 0.0)
     assert slow.observe(2, 20.0)
     assert slow.schedule.segments[0].from_epoch == 40
-    late = ScheduleFitter(cfg=OPTIM, deadline=25.0, fit_after_epochs=2, skip_epochs=0, lead_s=2.0)
+    late = ScheduleFitter(
+        schedule=SwarmSchedule(OPTIM), deadline=25.0, fit_after_epochs=2, skip_epochs=0, lead_s=2.0
+    )
     late.observe(100, 0.0)
     assert late.observe(120, 20.0)  # 1 epoch/s, 5 s left: from epoch 123 (2 s ahead), ends at 125
     assert late.schedule.segments[0].total_steps == 125
-    slow = ScheduleFitter(cfg=OPTIM, deadline=45.0, fit_after_epochs=2, skip_epochs=0, lead_s=2.0)
+    slow = ScheduleFitter(
+        schedule=SwarmSchedule(OPTIM), deadline=45.0, fit_after_epochs=2, skip_epochs=0, lead_s=2.0
+    )
     slow.observe(100, 0.0)
     assert slow.observe(102, 40.0)  # 0.05 epochs/s, 5 s left: it applies at 104 and ends at once
     assert slow.schedule.segments[0] == Segment(
@@ -92,7 +98,9 @@ def test_a_fit_never_applies_before_warm_up_ends_nor_ends_before_it_applies():
 
 
 def test_a_long_run_keeps_refitting_with_only_the_segments_that_still_matter():
-    fitter = ScheduleFitter(cfg=OPTIM, deadline=1e6, fit_after_epochs=20, skip_epochs=0, refit_s=30.0)
+    fitter = ScheduleFitter(
+        schedule=SwarmSchedule(OPTIM), deadline=1e6, fit_after_epochs=20, skip_epochs=0, refit_s=30.0
+    )
     fitter.observe(0, 0.0)
     epoch, now, fits = 0, 0.0, 0
     for i in range(400):  # the pace alternates between 1 and 2 epochs/s every 30 s
@@ -106,7 +114,7 @@ def test_a_long_run_keeps_refitting_with_only_the_segments_that_still_matter():
 
 
 def test_a_jump_in_the_epoch_seen_restarts_the_measurement():
-    fitter = ScheduleFitter(cfg=OPTIM, deadline=600.0, fit_after_epochs=20, skip_epochs=0)
+    fitter = ScheduleFitter(schedule=SwarmSchedule(OPTIM), deadline=600.0, fit_after_epochs=20, skip_epochs=0)
     fitter.observe(10, 0.0)
     # a restarted coordinator learns that the swarm is at epoch 500: not 490 epochs in a second
     assert not fitter.observe(500, 1.0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,6 +68,33 @@ def test_links_are_capped_both_ways():
         assert tb.tx_bytes(1) - sent > 2 * 7e6 / 8  # the counters see the bytes sent
         tb.set_rate(1, 40)
         assert 28 <= tb.measure_mbit(0, 1, seconds=2) <= 46
+
+
+def test_hosts_use_the_congestion_control_asked_for():
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    others = [cc for cc in network.available_congestion_controls() if cc != default]
+    if not others:
+        pytest.skip(f"this kernel offers no congestion control but {default}")
+    with pytest.raises(ValueError, match="not available"):
+        Testbed(2, name_prefix=PREFIX, congestion_control="no-such-algorithm")
+    with Testbed(2, name_prefix=PREFIX, congestion_control=others[0]) as tb:
+        # both ends of a connection between two hosts: what each side's kernel sends with
+        server = tb.hosts[0].popen(
+            [sys.executable, "-c", "import socket, sys; s = socket.create_server((sys.argv[1], 7001)); "
+             "print('up', flush=True); c, _ = s.accept(); "
+             "print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).strip(b'\\0').decode())",
+             tb.hosts[0].address],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert server.stdout.readline().strip() == "up"
+        client = tb.hosts[1].run(
+            [sys.executable, "-c", "import socket, sys; c = socket.create_connection((sys.argv[1], 7001), timeout=5); "
+             "print(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).strip(b'\\0').decode())",
+             tb.hosts[0].address],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert client.stdout.strip() == others[0]
+        assert server.stdout.readline().strip() == others[0]
 
 
 def test_link_down_silences_a_host_until_it_is_back():

@@ -90,6 +90,11 @@ def _command(argv: list[str], *, check: bool) -> subprocess.CompletedProcess[str
     return result
 
 
+def available_congestion_controls() -> list[str]:
+    """The TCP congestion controls this kernel offers (built in or loaded)."""
+    return Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+
+
 def list_namespaces() -> list[str]:
     """Names of all network namespaces on this machine (``ip netns list``)."""
     return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
@@ -199,6 +204,10 @@ class Testbed:
     :param rates: per-host caps overriding ``rate_mbit``, e.g. ``{3: 10}`` for one slow host.
     :param name_prefix: namespaces are named ``<prefix><number>-h<i>`` and ``<prefix><number>-br``;
       :func:`cleanup_stale` with the same prefix removes them after a crash.
+    :param congestion_control: the TCP congestion control of the hosts' connections to each other
+      (``cubic``, ``reno``, ``bbr``: one of ``/proc/sys/net/ipv4/tcp_available_congestion_control``);
+      ``None`` keeps this machine's default. Set on the hosts' route (``ip route ... congctl``),
+      since a namespace may not change the sysctl.
     """
 
     __test__ = False  # not a pytest test class, despite the name
@@ -210,6 +219,7 @@ class Testbed:
         rate_mbit: float = 100.0,
         rates: Mapping[int, float] | None = None,
         name_prefix: str = DEFAULT_PREFIX,
+        congestion_control: str | None = None,
     ) -> None:
         if num_hosts < 1 or num_hosts > 250:
             raise ValueError(f"num_hosts must be between 1 and 250, got {num_hosts}")
@@ -217,7 +227,13 @@ class Testbed:
             raise ValueError(f"name_prefix must be 1-8 lowercase letters and digits, got {name_prefix!r}")
         if rates and any(not 0 <= i < num_hosts for i in rates):
             raise ValueError(f"rates name hosts outside 0..{num_hosts - 1}: {sorted(rates)}")
+        if congestion_control is not None and congestion_control not in available_congestion_controls():
+            raise ValueError(
+                f"congestion control {congestion_control!r} is not available here; "
+                f"choose one of {', '.join(available_congestion_controls())}"
+            )
         self.num_hosts, self.name_prefix = num_hosts, name_prefix
+        self.congestion_control = congestion_control
         self.rates_mbit = [float((rates or {}).get(i, rate_mbit)) for i in range(num_hosts)]
         self.hosts: list[Host] = []
         self.name = ""
@@ -322,6 +338,11 @@ class Testbed:
         _ip("-n", self.bridge_namespace, "link", "set", port, "up")
         _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
         _ip("-n", namespace, "link", "set", "eth0", "up")
+        if self.congestion_control:
+            # the route the kernel made for the subnet, again, with the algorithm its connections use
+            subnet = address.rsplit(".", 1)[0] + ".0/24"
+            _ip("-n", namespace, "route", "replace", subnet, "dev", "eth0", "proto", "kernel", "scope", "link",
+                "src", address, "congctl", self.congestion_control)  # fmt: skip
         host = Host(index=index, namespace=namespace, address=address, testbed=self)
         self._shape(host, self.rates_mbit[index], "add")
         return host

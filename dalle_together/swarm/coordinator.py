@@ -47,7 +47,7 @@ from dalle_together.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from dalle_together.config import RunConfig, preset
+from dalle_together.config import RunConfig, SwarmConfig, preset
 from dalle_together.errors import UserError
 from dalle_together.swarm.checkpointer import SwarmCheckpointer
 from dalle_together.swarm.definition import publish_definition
@@ -222,6 +222,8 @@ def check_swarm_options(cfg: RunConfig) -> None:
         raise UserError("--next-chunk-timeout must be positive")
     if cfg.optim.total_steps < 1 or cfg.optim.warmup_steps < 0:
         raise UserError("--total-steps must be positive and --warmup-steps non-negative")
+    if cfg.swarm.local_updates and (cfg.swarm.delay_optimizer_step or cfg.swarm.delay_grad_averaging):
+        raise UserError("this run makes local updates, which are applied at once: drop --delayed-updates")
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def run_coordinator(
         fitter = None
         if options.schedule_minutes is not None:
             deadline = time.monotonic() + options.schedule_minutes * 60
-            fitter = ScheduleFitter(cfg=cfg.optim, deadline=deadline, segments=keeper.segments)
+            fitter = ScheduleFitter(schedule=keeper.schedule, deadline=deadline)
         if keeper.segments or fitter is not None:
             scheduler = threading.Thread(
                 target=_keep_schedule,
@@ -403,7 +405,7 @@ def _keep_schedule(
                 and now < fitter.deadline
                 and fitter.observe(checkpointer.global_epoch, now)
             ):
-                keeper.set_segments(fitter.schedule.segments)
+                keeper.save_schedule()
             segments = keeper.segments
             due = time.monotonic() - last_published >= SCHEDULE_EXPIRATION_S / 3
             if segments and (segments != published or due):
@@ -448,12 +450,16 @@ class _CheckpointKeeper:
         return self.schedule.segments
 
     def set_segments(self, segments: Sequence[Segment]) -> None:
-        """Adopt a newly fitted schedule, and keep it on disk at once (the next checkpoint may be
-        many epochs away, and a restart must not go back to an older schedule)."""
-        write_json_atomic(
-            self.run_dir / SCHEDULE_FILE, {"segments": [dataclasses.asdict(s) for s in segments]}
-        )
+        """Adopt a newly fitted schedule and keep it on disk."""
         self.schedule.segments = tuple(segments)
+        self.save_schedule()
+
+    def save_schedule(self) -> None:
+        """Keep the schedule on disk at once, as it now stands (the next checkpoint may be many
+        epochs away, and a restart must not go back to an older schedule)."""
+        write_json_atomic(
+            self.run_dir / SCHEDULE_FILE, {"segments": [dataclasses.asdict(s) for s in self.segments]}
+        )
 
     def save(self, model: torch.nn.Module, epoch: int, optimizer_state: dict[str, Any]) -> None:
         state = TrainState(
@@ -527,8 +533,14 @@ def describe_config(
         f"preset {cfg.preset}, target batch {o.target_batch_size}, lr {o.lr:g} "
         f"(warm-up {o.warmup_steps}, {cosine}), "
         f"averaging {cfg.swarm.compression}, "
-        f"{'delayed' if cfg.swarm.delay_optimizer_step else 'immediate'} updates, checkpoint every {cfg.swarm.checkpoint_every_epochs} epochs"
+        f"{_updates(cfg.swarm)}, checkpoint every {cfg.swarm.checkpoint_every_epochs} epochs"
     )
+
+
+def _updates(swarm: SwarmConfig) -> str:
+    if swarm.local_updates:
+        return f"local updates, parameters averaged every {swarm.average_state_every} epochs"
+    return f"{'delayed' if swarm.delay_optimizer_step else 'immediate'} updates"
 
 
 __all__ = [

@@ -7,6 +7,11 @@ gradients with the peers (compressed), runs the wrapped optimizer (AdamW or LAMB
 inside its ``step``) and steps the learning-rate schedule once: the schedule follows the global
 epoch, so every peer agrees on it. ``optimizer.local_epoch`` is that global step.
 
+With ``cfg.swarm.local_updates`` (hivemind's ``use_local_updates``) every ``step()`` applies the
+peer's own gradients at once, and the epoch only paces the schedule and the averaging of
+parameters, every ``average_state_every`` epochs, in the background: hivemind adds each round's
+change to the parameters (``delta_rule_averaging``), so local steps made meanwhile are kept.
+
 Constraints of hivemind 1.1.12, checked here so they fail at start-up with a sentence:
 ``delay_grad_averaging`` needs ``delay_optimizer_step``, which needs ``offload_optimizer``
 (hivemind only asserts the latter at the first epoch); a client-mode peer cannot be auxiliary.
@@ -513,7 +518,8 @@ def make_swarm_optimizer(
         swarm.delay_optimizer_step,
         swarm.delay_grad_averaging,
     )
-    if auxiliary:
+    if auxiliary or swarm.local_updates:
+        # an auxiliary peer never steps; a local update is applied before the next local batch
         offload = delay_step = delay_grads = False
     if delay_grads and not delay_step:
         raise UserError("delay_grad_averaging needs delay_optimizer_step (a hivemind 1.1.12 requirement)")
@@ -575,7 +581,10 @@ def make_swarm_optimizer(
             # gradients they would download, and a sharing averager re-declares itself in the DHT after
             # every tensor of every all-reduce (dozens of signed stores per epoch)
             averager_opts=dict(request_timeout=request_timeout),
-            grad_averager_factory=partial(
+            use_local_updates=swarm.local_updates,
+            grad_averager_factory=None
+            if swarm.local_updates  # nothing to average: each peer applies its own gradients
+            else partial(
                 SharedAccumulatorsGradientAverager, request_timeout=request_timeout, allow_state_sharing=False
             ),
             verbose=verbose,

@@ -116,22 +116,23 @@ def _progress(segments: Sequence[Segment], epoch: int, cfg: OptimConfig) -> floa
 class ScheduleFitter:
     """The coordinator's side: measure the global epoch's pace and fit the schedule to ``deadline``.
 
+    :param schedule: the run's schedule, with the segments fitted so far (a restarted coordinator
+      has some); :meth:`observe` appends its fits to it, in place, so whoever reads it (the
+      coordinator's auxiliary peer, its checkpoints) sees them at once.
     :param deadline: ``time.monotonic()`` at which the run's time budget ends.
-    :param segments: the schedule fitted so far (a restarted coordinator has it).
     """
 
     def __init__(
         self,
         *,
-        cfg: OptimConfig,
+        schedule: SwarmSchedule,
         deadline: float,
-        segments: Sequence[Segment] = (),
         fit_after_epochs: int = FIT_AFTER_EPOCHS,
         skip_epochs: int = SKIP_EPOCHS,
         refit_s: float = REFIT_S,
         lead_s: float = LEAD_S,
     ) -> None:
-        self.schedule = SwarmSchedule(cfg, segments)
+        self.schedule = schedule
         self.deadline, self.fit_after_epochs, self.skip_epochs = deadline, fit_after_epochs, skip_epochs
         self.refit_s, self.lead_s = refit_s, lead_s
         self._first: int | None = None

@@ -114,7 +114,8 @@ class VolunteerProgress:
     steps: int
     waiting_share: float
     """Share of the time since the last report spent in ``optimizer.step()`` (waiting for the
-    swarm: averaging, a delayed update, loading state) rather than computing."""
+    swarm: averaging, a delayed update, loading state; and the optimizer's own update, which with
+    local updates runs after every local batch) rather than computing gradients."""
 
 
 @dataclass(kw_only=True, frozen=True)
