@@ -136,10 +136,8 @@ def peer_id(address: str) -> str:
 @pytest.mark.timeout(300)
 def test_volunteers_survive_a_killed_peer_and_a_restarted_coordinator_resumes(trained_run, tmp_path):  # noqa: F811
     run_dir = tiny_tokenizers(trained_run, tmp_path / "coordinator")
-    # updates applied at once, as in `make demo` (the other tests here run the preset's delayed ones)
-    coordinator = start_coordinator(
-        run_dir, "cli-test", "--checkpoint-every-epochs", "2", "--no-delayed-updates"
-    )
+    # local updates, as in `make demo` (the other tests here run the preset's delayed gradient rounds)
+    coordinator = start_coordinator(run_dir, "cli-test", "--checkpoint-every-epochs", "2", "--local-updates")
     address = coordinator.wait_for_stdout(ADDRESS, timeout_s=60)
     alice = start_volunteer(address, "alice", tmp_path)
     bob = start_volunteer(address, "bob", tmp_path)
@@ -172,6 +170,7 @@ def test_volunteers_survive_a_killed_peer_and_a_restarted_coordinator_resumes(tr
     assert saved >= killed_at + 2, (saved, killed_at)  # the latest state, not the last periodic save
     bundle = load_bundle(run_dir)  # what `generate` and `evaluate` load
     assert bundle.state["step"] == saved and bundle.cfg.optim.target_batch_size == TARGET
+    assert bundle.cfg.swarm.local_updates
     assert not bundle.cfg.swarm.delay_optimizer_step and not bundle.cfg.swarm.delay_grad_averaging
 
     # restarted, it keeps its peer id (the volunteers' address stays valid) and resumes the epoch count
