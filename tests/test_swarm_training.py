@@ -80,6 +80,20 @@ def follow(start_peer, dht, run: str, *, publisher: bytes) -> SwarmSchedule:
     return schedule
 
 
+def two_peers(start_peer, run: str, cfg: RunConfig) -> tuple[list[torch.nn.Module], list]:
+    """Two peers of ``run`` that know each other, each with the same MLP and a swarm optimizer."""
+    first = start_peer(run)
+    second = start_peer(run, initial_peers=visible_maddrs(first))
+    models, optimizers = [mlp(seed=0), mlp(seed=0)], []
+    for dht, model in zip((first, second), models, strict=True):
+        opt = make_swarm_optimizer(
+            dht=dht, run_id=run, model=model, cfg=cfg, batch_size_per_step=BATCH, client_mode=False
+        )
+        start_peer.on_shutdown(opt.shutdown)
+        optimizers.append(opt)
+    return models, optimizers
+
+
 def train_together(
     models, optimizers, *, epochs: int, deadline_s: float, features: list[slice] | None = None
 ) -> list[list[tuple[int, int]]]:
@@ -204,18 +218,9 @@ def test_local_updates_step_every_batch_and_averaging_shares_what_each_peer_lear
     run, epochs = "local-updates-test", 4
     cfg = swarm_cfg(local_updates=True, average_state_every=1)
     cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, weight_decay=0.0))
-    first = start_peer(run)
-    second = start_peer(run, initial_peers=visible_maddrs(first))
-    models = [mlp(seed=0), mlp(seed=0)]
+    models, optimizers = two_peers(start_peer, run, cfg)
     initial = models[0][0].weight.detach().clone()  # the first layer's: (32 hidden, 8 inputs)
-    optimizers = []
-    for dht, model in zip((first, second), models, strict=True):
-        opt = make_swarm_optimizer(
-            dht=dht, run_id=run, model=model, cfg=cfg, batch_size_per_step=BATCH, client_mode=False
-        )
-        start_peer.on_shutdown(opt.shutdown)
-        optimizers.append(opt)
-        assert opt.grad_averager is None  # no gradient rounds: each peer steps on its own
+    assert all(o.grad_averager is None for o in optimizers)  # no gradient rounds: each steps on its own
     halves = [slice(0, 4), slice(4, 8)]
 
     # one local step, long before the global batch is in: the update is applied at once
@@ -253,17 +258,8 @@ def test_the_seeds_options_train_together_too(start_peer):
         delay_grad_averaging=True,
     )
     cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, optimizer="lamb"))
-    first = start_peer(run)
-    second = start_peer(run, initial_peers=visible_maddrs(first))
-    models = [mlp(seed=0), mlp(seed=0)]
+    models, optimizers = two_peers(start_peer, run, cfg)
     initial = params(models[0])
-    optimizers = []
-    for dht, model in zip((first, second), models, strict=True):
-        opt = make_swarm_optimizer(
-            dht=dht, run_id=run, model=model, cfg=cfg, batch_size_per_step=BATCH, client_mode=False
-        )
-        start_peer.on_shutdown(opt.shutdown)
-        optimizers.append(opt)
 
     train_together(models, optimizers, epochs=epochs, deadline_s=90)
     for opt in optimizers:
