@@ -466,10 +466,10 @@ def coordinator(
         raise UserError("--lr must be positive")
     if schedule_minutes is not None and schedule_minutes <= 0:
         raise UserError("--schedule-minutes must be positive")
-    if local_updates and delayed_updates:
-        raise UserError("--local-updates applies every update at once: drop --delayed-updates")
-    if local_updates:
-        delayed_updates = False  # not the preset's: there is no gradient round to run in the background
+    if local_updates and delayed_updates is None:
+        # not the preset's: there is no gradient round to run in the background (asking for both is
+        # refused with the run's other options, in check_swarm_options)
+        delayed_updates = False
     options = CoordinatorOptions(
         run_id=_check_run_id(run_id),
         checkpoint_dir=checkpoint_dir,

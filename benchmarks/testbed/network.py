@@ -227,11 +227,13 @@ class Testbed:
             raise ValueError(f"name_prefix must be 1-8 lowercase letters and digits, got {name_prefix!r}")
         if rates and any(not 0 <= i < num_hosts for i in rates):
             raise ValueError(f"rates name hosts outside 0..{num_hosts - 1}: {sorted(rates)}")
-        if congestion_control is not None and congestion_control not in available_congestion_controls():
-            raise ValueError(
-                f"congestion control {congestion_control!r} is not available here; "
-                f"choose one of {', '.join(available_congestion_controls())}"
-            )
+        if congestion_control is not None:
+            available = available_congestion_controls()
+            if congestion_control not in available:
+                raise ValueError(
+                    f"congestion control {congestion_control!r} is not available here; "
+                    f"choose one of {', '.join(available)}"
+                )
         self.num_hosts, self.name_prefix = num_hosts, name_prefix
         self.congestion_control = congestion_control
         self.rates_mbit = [float((rates or {}).get(i, rate_mbit)) for i in range(num_hosts)]

@@ -223,7 +223,7 @@ def check_swarm_options(cfg: RunConfig) -> None:
     if cfg.optim.total_steps < 1 or cfg.optim.warmup_steps < 0:
         raise UserError("--total-steps must be positive and --warmup-steps non-negative")
     if cfg.swarm.local_updates and (cfg.swarm.delay_optimizer_step or cfg.swarm.delay_grad_averaging):
-        raise UserError("this run makes local updates, which are applied at once: drop --delayed-updates")
+        raise UserError("--local-updates applies every update at once: drop --delayed-updates")
 
 
 # --- running -----------------------------------------------------------------------------------
