@@ -245,8 +245,8 @@ def main() -> None:
     # every 16 samples and the two average parameters every 2 epochs of 128 (~1.6 s): in the same
     # wall time that reached the faithfulness of `train` on both cores, on average over five pairs,
     # which gradient averaging (every epoch waits for a gradient round) did not (BENCHMARKS.md).
-    # Its peak learning rate is a local
-    # step's: 3e-3 reached a lower loss than 2e-3 but lost hold-out colour (new colour-shape pairs).
+    # Its peak learning rate is a local step's: 3e-3 reached a lower loss than 2e-3 but lost
+    # hold-out colour (new colour-shape pairs).
     # Without local updates (the seed's way), as measured before:
     # a global batch of 96 (an epoch every ~0.75 s) and
     # 0.3 s of matchmaking, plenty on loopback (over the Internet, keep the preset's seconds and a
