@@ -29,7 +29,12 @@ first timed round.
 Bounds: ``S`` is the compressed size of one peer's tensors, ``B`` the link's rate in bytes/s; a
 bandwidth-optimal all-reduce (reduce-scatter then all-gather) sends ``2 (N-1)/N * S`` bytes per peer
 and takes ``2 (N-1)/N * S / B``. One TCP stream carries at most ~95% of a link's rate as payload
-(headers), so even perfect overlap gives time/bound ≈ 1.05.
+(headers), so even perfect overlap gives time/bound ≈ 1.05. What TCP itself achieves with this
+traffic is measured too, on the same links right after the rounds: "plain TCP" is the time every
+host takes to send ``2 S / N`` bytes to every other host and receive as many, all at once (the
+bytes the all-reduce moves between each pair, in one stream per pair and direction; median of
+three exchanges, :meth:`benchmarks.testbed.Testbed.measure_exchange`), the floor that TCP's
+ramp-up and sharing of a link leave any all-reduce here.
 
 Peers run with one torch/OMP thread each and ``QUANTIZATION_THREADS`` (hivemind's quantisation
 thread pool, 128 by default) set by ``--quantization-threads``. Needs root (network namespaces).
@@ -254,6 +259,7 @@ def measure(
     bound_bytes = 2 * (n - 1) / n * s_bytes
     bound_s = bound_bytes / (rate_mbit * 1e6 / 8)
     seconds = statistics.median(times)
+    tcp_seconds = statistics.median(tb.measure_exchange(round(2 * s_bytes / n)) for _ in range(3))
     return {
         "size": size,
         "params": sum(numel(s) for s in model_shapes(size)),
@@ -268,6 +274,8 @@ def measure(
         "all_seconds": times,
         "bound_seconds": bound_s,
         "time_over_bound": seconds / bound_s,
+        "tcp_exchange_seconds": tcp_seconds,
+        "tcp_over_bound": tcp_seconds / bound_s,
         "sent_bytes_per_peer": statistics.median(sent),
         "bound_bytes_per_peer": bound_bytes,
         "bytes_over_bound": statistics.median(sent) / bound_bytes,
@@ -282,14 +290,16 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         f"`{command}`",
         "",
         "| params | compression | peers | link Mbit/s | all-reduce s | bound s | time / bound "
-        "| warm-up round / bound | sent MB/peer | bound MB | sent / bound | relative error | CPU cores busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| plain TCP / bound | warm-up round / bound | sent MB/peer | bound MB | sent / bound | relative error "
+        "| CPU cores busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         warmup = " / ".join(f"{t / r['bound_seconds']:.2f}" for t in r["warmup_seconds"]) or "-"
         lines.append(
             f"| {r['size']} | {r['compression']} | {r['peers']} | {r['rate_mbit']:g} | {r['seconds']:.2f} "
-            f"| {r['bound_seconds']:.2f} | **{r['time_over_bound']:.2f}** | {warmup} | {r['sent_bytes_per_peer'] / 1e6:.1f} "
+            f"| {r['bound_seconds']:.2f} | **{r['time_over_bound']:.2f}** | {r['tcp_over_bound']:.2f} | {warmup} "
+            f"| {r['sent_bytes_per_peer'] / 1e6:.1f} "
             f"| {r['bound_bytes_per_peer'] / 1e6:.1f} | {r['bytes_over_bound']:.3f} | {r['relative_error']:.1e} "
             f"| {r['cpu_cores_busy']:.2f} |"
         )
@@ -310,6 +320,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                             if r["size"] == size and r["compression"] == compression)  # fmt: skip
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=compression)
+        floor = sorted((r["peers"], r["tcp_over_bound"]) for r in results
+                       if r["size"] == size and r["compression"] == "8bit")  # fmt: skip
+        if floor:
+            ax.plot(*zip(*floor, strict=True), color="gray", marker="x", linestyle="--",
+                    label="plain TCP, 8bit's bytes")  # fmt: skip
         ax.axhline(1.0, color="gray", linestyle=":", label="bound")
         ax.axhline(1.3, color="red", linestyle="--", linewidth=0.8, label="1.3 x bound")
         ax.set(title=f"{size} parameters", xlabel="peers N", ylabel="all-reduce time / bound")

@@ -70,6 +70,18 @@ def test_links_are_capped_both_ways():
         assert 28 <= tb.measure_mbit(0, 1, seconds=2) <= 46
 
 
+def test_plain_tcp_exchange_moves_every_pair_s_bytes_through_the_capped_links():
+    nbytes = 500_000  # to each other host: 1 MB up and 1 MB down per host
+    with Testbed(3, rate_mbit=20, name_prefix=PREFIX) as tb:
+        sent = [tb.tx_bytes(i) for i in range(3)]
+        seconds = tb.measure_exchange(nbytes)
+        # no faster than the cap allows (1 MB at 2.5 MB/s), and not far off it
+        assert 0.4 <= seconds <= 1.0
+        assert all(tb.tx_bytes(i) - sent[i] >= 2 * nbytes for i in range(3))
+        tb.set_rate(2, 5)  # one slow host holds up the exchange: its 1 MB takes 1.6 s
+        assert 1.6 <= tb.measure_exchange(nbytes) <= 3.5
+
+
 def test_hosts_use_the_congestion_control_asked_for():
     default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     others = [cc for cc in network.available_congestion_controls() if cc != default]

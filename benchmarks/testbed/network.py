@@ -431,6 +431,37 @@ class Testbed:
         receiver.wait(10)
         return result["mbit"]
 
+    def measure_exchange(self, nbytes: int, *, port: int = 5202, timeout_s: float = 300.0) -> float:
+        """Seconds until every host has received ``nbytes`` from every other host, all sending to all
+        at once over plain TCP (one connection per pair and direction): the traffic of an all-reduce
+        that sends ``nbytes`` each way between every pair, without its protocol, the floor that TCP
+        and these links leave it."""
+        tool = [sys.executable, "-m", "benchmarks.testbed.tcp_stream", "exchange", "--port", str(port)]
+        tool += ["--addresses", ",".join(h.address for h in self.hosts), "--bytes", str(nbytes)]
+        procs = []
+        for i, host in enumerate(self.hosts):
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+            procs.append(host.popen([*tool, "--me", str(i)], **pipes, text=True, cwd=REPO_ROOT))
+        try:
+            for i, proc in enumerate(procs):
+                if proc.stdout.readline().strip() != "listening":
+                    raise TestbedError(f"the exchange on host {i} did not start")
+            start = time.time() + 0.5  # every host connects to the others before it
+            for proc in procs:
+                proc.stdin.write(f"go {start}\n")
+                proc.stdin.flush()
+            outputs = [proc.communicate(timeout=timeout_s)[0] for proc in procs]
+            failed = [i for i, proc in enumerate(procs) if proc.returncode]
+            if failed:
+                raise TestbedError(f"the exchange failed on host(s) {failed}")
+            seconds = [json.loads(out)["seconds"] for out in outputs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return max(seconds)
+
     # --- signals -------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:

@@ -1,13 +1,20 @@
-"""Measure a link's real throughput with one TCP stream between two hosts (plain Python, no iperf).
+"""Plain TCP between testbed hosts (plain Python, no iperf): one link's throughput, or the
+all-to-all exchange an all-reduce makes, without the all-reduce.
 
     python -m benchmarks.testbed.tcp_stream receive --bind ADDR --port P --skip-s 0.5
     python -m benchmarks.testbed.tcp_stream send --to ADDR --port P --seconds 3
+    python -m benchmarks.testbed.tcp_stream exchange --me I --addresses A,B,C --port P --bytes N
 
 The receiver prints ``listening`` once it accepts connections, and at the end one JSON line: the
 bytes received and the rate in Mbit/s of TCP payload, counted from ``skip_s`` after the first byte
 (TCP's slow start and tbf's initial full bucket are not what a cap means) to the last.
-:meth:`benchmarks.testbed.Testbed.measure_mbit` runs both inside a testbed. Standard library only,
-and imported by nothing, so that ``python -m`` runs it without a second copy of the module.
+:meth:`benchmarks.testbed.Testbed.measure_mbit` runs both inside a testbed.
+
+``exchange`` runs on every host at once (:meth:`benchmarks.testbed.Testbed.measure_exchange`): it
+prints ``listening``, reads ``go <unix time>`` on stdin, connects to every other host, and from that
+instant sends ``N`` bytes to each of them while receiving as many from each; then one JSON line, the
+seconds until its last byte arrived. Standard library only, and imported by nothing, so that
+``python -m`` runs it without a second copy of the module.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import sys
+import threading
 import time
 
 CHUNK = 1 << 16
@@ -50,6 +59,53 @@ def send(to: str, port: int, seconds: float) -> None:
             conn.sendall(payload)
 
 
+def exchange(me: int, addresses: list[str], port: int, nbytes: int) -> dict[str, float]:
+    """Send ``nbytes`` to every other host and receive as many from each, all at once: one TCP
+    connection per pair and direction, each sent from its own thread."""
+    others = [a for i, a in enumerate(addresses) if i != me]
+    received_at: list[tuple[int, float]] = []  # (bytes, when the last of them arrived) per sender
+    with socket.create_server((addresses[me], port), backlog=len(others)) as server:
+        print("listening", flush=True)
+
+        def receive_all() -> None:
+            conn, _ = server.accept()
+            with conn:
+                received = 0
+                while received < nbytes and (data := conn.recv(CHUNK)):
+                    received += len(data)
+            received_at.append((received, time.time()))
+
+        receivers = [threading.Thread(target=receive_all) for _ in others]
+        for thread in receivers:
+            thread.start()
+        start = float(sys.stdin.readline().split()[1])
+        conns = [socket.create_connection((a, port), timeout=30) for a in others]
+        payload = memoryview(b"\0" * nbytes)
+
+        def send_all(conn: socket.socket) -> None:
+            # The connect timeout would also bound sendall's whole duration (Python >= 3.5), and a
+            # large exchange on a slow link outlasts it. A sender that fails closes its connection at
+            # once, so that the other host's receiver sees the end instead of waiting forever.
+            conn.settimeout(None)
+            try:
+                conn.sendall(payload)
+            except OSError:
+                conn.close()
+                raise
+
+        senders = [threading.Thread(target=send_all, args=(conn,)) for conn in conns]
+        time.sleep(max(start - time.time(), 0.0))
+        for thread in senders:
+            thread.start()
+        for thread in senders + receivers:
+            thread.join()
+        for conn in conns:
+            conn.close()
+    if any(received != nbytes for received, _ in received_at):
+        raise SystemExit(f"received {sorted(r for r, _ in received_at)} bytes, expected {nbytes} from each")
+    return {"seconds": max(t for _, t in received_at) - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,9 +119,16 @@ def main() -> None:
     snd.add_argument("--to", required=True)
     snd.add_argument("--port", type=int, required=True)
     snd.add_argument("--seconds", type=float, default=3.0)
+    exch = sub.add_parser("exchange")
+    exch.add_argument("--me", type=int, required=True)
+    exch.add_argument("--addresses", required=True, help="every host's address, comma-separated")
+    exch.add_argument("--port", type=int, required=True)
+    exch.add_argument("--bytes", type=int, required=True, help="sent to each other host")
     args = parser.parse_args()
     if args.command == "receive":
         print(json.dumps(receive(args.bind, args.port, args.skip_s)), flush=True)
+    elif args.command == "exchange":
+        print(json.dumps(exchange(args.me, args.addresses.split(","), args.port, args.bytes)), flush=True)
     else:
         send(args.to, args.port, args.seconds)
 
