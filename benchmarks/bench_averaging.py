@@ -7,8 +7,11 @@ Each peer is a process in its own testbed host (network namespace, link capped w
 ``DecentralizedAverager``: the all-reduce that ``hivemind.Optimizer`` runs for dalle-together,
 with the compression ``dalle_together.swarm.optimizer.averaging_compression`` builds (``8bit``:
 8-bit uniform quantisation of tensors from ``size_adaptive_threshold`` elements, fp16 below)
-and the state-donor declarations of ``QuietDeclarationsMixin`` (``--hivemind-declarations``:
-hivemind's own, which re-store the peer's DHT record after every tensor of every round).
+the state-donor declarations of ``QuietDeclarationsMixin`` (``--hivemind-declarations``:
+hivemind's own, which re-store the peer's DHT record after every tensor of every round) and the
+in-place results of ``InPlaceAveragingMixin``, as the swarm's averagers (``--hivemind-updates``:
+hivemind's own, which keeps a tensor's averaged parts until it is complete and adds it then). The
+averager's peak memory is its process's peak resident set.
 
 The tensors are shaped like a transformer's (per layer of width 1024: qkv, output, MLP matrices,
 biases, layer norms): 2 layers = 25.2M parameters, 8 layers = 100.7M; each peer's values are
@@ -105,6 +108,7 @@ class PeerSpec:
     part_size_bytes: int
     threshold: int
     hivemind_declarations: bool = False
+    hivemind_updates: bool = False
 
 
 def peer_tensor(spec: PeerSpec, peer: int, k: int, shape: tuple[int, ...]):
@@ -123,6 +127,7 @@ def run_peer(spec: PeerSpec) -> None:
     import torch
     from hivemind.averaging.control import AveragingStage
 
+    from dalle_together.swarm.allreduce import InPlaceAveragingMixin
     from dalle_together.swarm.optimizer import QuietDeclarationsMixin, averaging_compression
 
     torch.set_num_threads(1)
@@ -133,9 +138,9 @@ def run_peer(spec: PeerSpec) -> None:
         host_maddrs=[f"/ip4/{spec.address}/tcp/0"],
         initial_peers=[spec.initial_peer] if spec.initial_peer else [],
     )
-    averager_class = hivemind.averaging.DecentralizedAverager
-    if not spec.hivemind_declarations:
-        averager_class = type("Averager", (QuietDeclarationsMixin, averager_class), {})
+    mixins = [] if spec.hivemind_declarations else [QuietDeclarationsMixin]
+    mixins += [] if spec.hivemind_updates else [InPlaceAveragingMixin]
+    averager_class = type("Averager", (*mixins, hivemind.averaging.DecentralizedAverager), {})
     averager = averager_class(
         tensors,
         dht,
@@ -173,6 +178,9 @@ def run_peer(spec: PeerSpec) -> None:
             say(seconds=time.time() - start)
         elif command == "error":
             say(relative_error=relative_error(spec, averager, shapes))
+        elif command == "memory":  # the averager process's peak resident set
+            status = Path(f"/proc/{averager.pid}/status").read_text()
+            say(peak_mb=int(status.split("VmHWM:")[1].split()[0]) / 1024)
         elif command == "quit":
             break
     averager.shutdown()
@@ -196,7 +204,7 @@ def relative_error(spec: PeerSpec, averager, shapes: list[tuple[int, ...]]) -> f
 def measure(
     tb, *, size: str, compression: str, rounds: int, rate_mbit: float, part_size_bytes: int,
     threshold: int, quantization_threads: int, logs: Path, hivemind_declarations: bool = False,
-    warmup_rounds: int = 1,
+    hivemind_updates: bool = False, warmup_rounds: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """One setting: start the peers, run ``warmup_rounds`` and then ``rounds`` timed all-reduces, stop
     the peers."""
@@ -214,6 +222,7 @@ def measure(
             part_size_bytes,
             threshold,
             hivemind_declarations,
+            hivemind_updates,
         )
         peer = PeerProcess.spawn(
             host, "benchmarks.bench_averaging", ["--peer", json.dumps(asdict(spec))],
@@ -248,6 +257,9 @@ def measure(
                 peers[0].send("error")
                 error = peers[0].answer(timeout_s=900)["relative_error"]
         for peer in peers:
+            peer.send("memory")
+        peak_mb = max(peer.answer(timeout_s=60)["peak_mb"] for peer in peers)
+        for peer in peers:
             peer.send("quit")
         for peer in peers:
             peer.proc.wait(60)
@@ -265,6 +277,7 @@ def measure(
         "params": sum(numel(s) for s in model_shapes(size)),
         "compression": compression,
         "hivemind_declarations": hivemind_declarations,
+        "hivemind_updates": hivemind_updates,
         "peers": n,
         "rate_mbit": rate_mbit,
         "rounds": rounds,
@@ -282,6 +295,7 @@ def measure(
         "relative_error": error,
         "cpu_seconds_all_peers": statistics.median(cpu),
         "cpu_cores_busy": statistics.median(c / t for c, t in zip(cpu, times, strict=True)),
+        "averager_peak_mb": peak_mb,
     }
 
 
@@ -291,8 +305,8 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
         "",
         "| params | compression | peers | link Mbit/s | all-reduce s | bound s | time / bound "
         "| plain TCP / bound | warm-up round / bound | sent MB/peer | bound MB | sent / bound | relative error "
-        "| CPU cores busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU cores busy | averager peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         warmup = " / ".join(f"{t / r['bound_seconds']:.2f}" for t in r["warmup_seconds"]) or "-"
@@ -301,7 +315,7 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
             f"| {r['bound_seconds']:.2f} | **{r['time_over_bound']:.2f}** | {r['tcp_over_bound']:.2f} | {warmup} "
             f"| {r['sent_bytes_per_peer'] / 1e6:.1f} "
             f"| {r['bound_bytes_per_peer'] / 1e6:.1f} | {r['bytes_over_bound']:.3f} | {r['relative_error']:.1e} "
-            f"| {r['cpu_cores_busy']:.2f} |"
+            f"| {r['cpu_cores_busy']:.2f} | {r['averager_peak_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -366,6 +380,12 @@ def main() -> None:
         help="declare each peer a state donor as hivemind 1.1.12 does (again after every tensor of every "
         "round), not as dalle-together does (when the declaration changes)",
     )
+    parser.add_argument(
+        "--hivemind-updates",
+        action="store_true",
+        help="add the averaged results to the tensors as hivemind 1.1.12 does (a tensor once all its "
+        "parts are in), not as dalle-together does (each part as it arrives)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, default=Path("runs/bench/bench_averaging.md"))
     parser.add_argument("--plot", type=Path, default=Path("runs/bench/bench_averaging.png"))
@@ -397,6 +417,7 @@ def main() -> None:
                             part_size_bytes=args.part_size_bytes, threshold=threshold,
                             quantization_threads=args.quantization_threads, logs=Path(logs),
                             hivemind_declarations=args.hivemind_declarations,
+                            hivemind_updates=args.hivemind_updates,
                             warmup_rounds=args.warmup_rounds,
                         )  # fmt: skip
                         results.append(result)

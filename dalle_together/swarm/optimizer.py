@@ -53,6 +53,7 @@ from dalle_together.config import OptimConfig, RunConfig, SwarmConfig
 from dalle_together.errors import UserError
 from dalle_together.optim import build_optimizer
 from dalle_together.swarm import compression as fast_codecs
+from dalle_together.swarm.allreduce import InPlaceAveragingMixin, KeepsHivemindWireNames
 from dalle_together.swarm.dht import signing_key
 from dalle_together.swarm.schedule import SwarmSchedule
 
@@ -200,18 +201,6 @@ class SwarmOptimizer(hivemind.Optimizer):
             super()._maybe_schedule_state_averaging()
 
 
-class KeepsHivemindWireNames:
-    """Base of our extensions of hivemind's averagers. hivemind names an RPC handler after the class
-    (``<prefix>::TrainingStateAverager.rpc_download_state``), so a subclass would serve and call
-    protocols that peers running hivemind's own class (and ``benchmarks.bench_faults``' probe) do
-    not speak: keep the name of the hivemind class extended."""
-
-    @classmethod
-    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        hivemind_class = next(c for c in cls.__mro__ if c.__module__.startswith("hivemind."))
-        return hivemind_class._get_handle_name(namespace, method_name)
-
-
 class WaitsForItsOwnGroup(KeepsHivemindWireNames):
     """For a hivemind averager: a groupmate's parts that arrive before this peer started the round's
     all-reduce wait for this peer's own group, instead of being refused.
@@ -266,7 +255,7 @@ STATE_ROUND_PATIENCE = 2.0
 """A state-averaging round looks for a group for at most this many matchmaking times."""
 
 
-class BoundedStateRoundsAverager(WaitsForItsOwnGroup, TrainingStateAverager):
+class BoundedStateRoundsAverager(InPlaceAveragingMixin, WaitsForItsOwnGroup, TrainingStateAverager):
     """hivemind's ``TrainingStateAverager`` whose state-averaging rounds stop looking for a group
     after :data:`STATE_ROUND_PATIENCE` matchmaking times instead of hivemind's averaging timeout.
 
@@ -278,7 +267,8 @@ class BoundedStateRoundsAverager(WaitsForItsOwnGroup, TrainingStateAverager):
     of sync and downloads the state again. Seen in the testbed (3 volunteers, 20 Mbit/s, epochs of
     2-10 s): a 15 s stall at every state-averaging epoch some peer lost. Groups form within one
     matchmaking time of the last peer's transition; a round that found none by then skips this
-    state averaging (the next comes ``average_state_every`` epochs later).
+    state averaging (the next comes ``average_state_every`` epochs later). Averaged parameters
+    and statistics are put in place part by part (:class:`~dalle_together.swarm.allreduce.InPlaceAveragingMixin`).
     """
 
     def _do(
@@ -362,14 +352,16 @@ class QuietDeclarationsMixin(KeepsHivemindWireNames):
                 await asyncio.wait_for(self._state_updated.wait(), timeout=timeout)
 
 
-class SharedAccumulatorsGradientAverager(WaitsForItsOwnGroup, GradientAverager):
+class SharedAccumulatorsGradientAverager(InPlaceAveragingMixin, WaitsForItsOwnGroup, GradientAverager):
     """hivemind's ``GradientAverager`` with its gradient accumulators in shared memory.
 
     hivemind forks the averager's process after allocating the accumulators; the training process
     then rewrites them at every local step, and copy-on-write leaves the averager's process holding
     a private copy of the pages as they were at the fork: a model's worth of gradients per CPU
-    volunteer that nobody reads. Shared pages are not copied on write. Its RPCs keep hivemind's
-    names, so a peer running hivemind's own ``GradientAverager`` averages with it.
+    volunteer that nobody reads. Shared pages are not copied on write. Results are added to the
+    accumulators part by part as they arrive (:class:`~dalle_together.swarm.allreduce.InPlaceAveragingMixin`).
+    Its RPCs keep hivemind's names, so a peer running hivemind's own ``GradientAverager`` averages
+    with it.
     """
 
     def __init__(self, *args: Any, start: bool = False, **kwargs: Any) -> None:
