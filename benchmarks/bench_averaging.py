@@ -6,7 +6,7 @@ Each peer is a process in its own testbed host (network namespace, link capped w
 100 Mbit/s by default), with its own DHT (all bootstrap from peer 0) and one hivemind
 ``DecentralizedAverager``: the all-reduce that ``hivemind.Optimizer`` runs for dalle-together,
 with the compression ``dalle_together.swarm.optimizer.averaging_compression`` builds (``8bit``:
-8-bit uniform quantisation of tensors from ``size_adaptive_threshold`` elements, fp16 below)
+8-bit uniform quantisation of tensors from ``size_adaptive_threshold`` elements, fp16 below),
 the state-donor declarations of ``QuietDeclarationsMixin`` (``--hivemind-declarations``:
 hivemind's own, which re-store the peer's DHT record after every tensor of every round) and the
 in-place results of ``InPlaceAveragingMixin``, as the swarm's averagers (``--hivemind-updates``:
