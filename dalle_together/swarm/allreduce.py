@@ -53,6 +53,7 @@ class InPlaceTensorPartContainer(TensorPartContainer):
     @classmethod
     def adopt(cls, container: TensorPartContainer, alpha: float) -> InPlaceTensorPartContainer:
         """Give a container that hivemind's runner built (it builds its own) this class's behaviour."""
+        assert type(container) is TensorPartContainer, "hivemind's all-reduce changed: revisit this class"
         container.__class__ = cls
         assert isinstance(container, cls)
         container.alpha = alpha
@@ -86,36 +87,25 @@ class InPlaceTensorPartContainer(TensorPartContainer):
         yield  # an async generator, as the runner expects
 
 
-class InPlaceAllReduceRunner(AllReduceRunner):
-    """hivemind's ``AllReduceRunner`` whose results are added to ``tensors`` in place, with
-    ``alpha`` (the averager's ``averaging_alpha``); iterating it yields nothing."""
-
-    def __init__(self, *, alpha: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        container = self.tensor_part_container
-        assert type(container) is TensorPartContainer, "hivemind's all-reduce changed: revisit this class"
-        InPlaceTensorPartContainer.adopt(container, alpha)
-
-
 class InPlaceAveragingMixin(KeepsHivemindWireNames):
     """For a hivemind averager: every all-reduce adds the results to the averaged tensors part by
-    part (:class:`InPlaceAllReduceRunner`), not tensor by tensor at the end of the round."""
+    part (:class:`InPlaceTensorPartContainer`), not tensor by tensor at the end of the round."""
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: Any, group_id: bytes | None = None, **kwargs: Any
     ) -> None:
-        # hivemind's method with its runner swapped for ours (and no per-tensor loop)
+        # hivemind's method with the runner's container made ours (and no per-tensor loop)
         group_id = group_info.group_id if group_id is None else group_id
-        runner = InPlaceAllReduceRunner(
+        runner = AllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
             tensors=tensors,
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
-            alpha=self._averaging_alpha,
             **kwargs,
         )
+        InPlaceTensorPartContainer.adopt(runner.tensor_part_container, self._averaging_alpha)
         assert group_id in self._running_groups, (
             f"Group id {group_id} was not registered in _register_allreduce_group"
         )
