@@ -46,6 +46,7 @@ thread pool, 128 by default) set by ``--quantization-threads``. Needs root (netw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -149,7 +150,7 @@ def run_peer(spec: PeerSpec) -> None:
         target_group_size=spec.num_peers,
         min_group_size=spec.num_peers,
         min_matchmaking_time=2.0,
-        request_timeout=3.0,
+        request_timeout=1.0,  # below min_matchmaking_time, as hivemind asks and the swarm does
         compression=averaging_compression(spec.compression, spec.threshold),
         part_size_bytes=spec.part_size_bytes,
         allreduce_timeout=600.0,
@@ -386,6 +387,11 @@ def main() -> None:
         help="add the averaged results to the tensors as hivemind 1.1.12 does (a tensor once all its "
         "parts are in), not as dalle-together does (each part as it arrives)",
     )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep every peer's log here (default: a temporary directory, removed at the end)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path, default=Path("runs/bench/bench_averaging.md"))
     parser.add_argument("--plot", type=Path, default=Path("runs/bench/bench_averaging.png"))
@@ -407,7 +413,10 @@ def main() -> None:
     threshold = SwarmConfig().size_adaptive_threshold
     command = "python -m benchmarks.bench_averaging " + " ".join(sys.argv[1:])
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-averaging-") as logs:
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    keep_logs = contextlib.nullcontext(str(args.logs)) if args.logs else None
+    with keep_logs or tempfile.TemporaryDirectory(prefix="bench-averaging-") as logs:
         for n in peer_counts:
             with Testbed(n, rate_mbit=args.rate_mbit, congestion_control=args.congestion_control) as tb:
                 for size in sizes:

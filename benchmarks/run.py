@@ -41,7 +41,13 @@ BENCHMARKS: dict[str, Benchmark] = {
         quick=["--batch-size", "1", "16", "64"], full=["--batch-size", "1", "16", "64"]
     ),
     "bench_swarm_throughput": Benchmark(quick=["--seconds", "30", "--warmup", "15"], full=[]),
-    "bench_averaging": Benchmark(quick=["--quick"], full=["--full"], table=True, plot=True, testbed=True),
+    "bench_averaging": Benchmark(
+        quick=["--quick"],
+        full=["--full", "--logs", "runs/bench/bench_averaging-logs"],
+        table=True,
+        plot=True,
+        testbed=True,
+    ),
     "bench_scaling": Benchmark(quick=["--quick"], full=["--full"], table=True, plot=True, testbed=True),
     "bench_faults": Benchmark(quick=["--quick"], full=["--full"], table=True, testbed=True),
 }

@@ -82,6 +82,15 @@ def test_plain_tcp_exchange_moves_every_pair_s_bytes_through_the_capped_links():
         assert 1.6 <= tb.measure_exchange(nbytes) <= 3.5
 
 
+def test_plain_tcp_exchange_outlasting_its_connect_timeout_still_finishes():
+    # A socket's timeout bounds sendall's whole duration, so an exchange that kept its connect
+    # timeout failed (and hung before f51e7c3) once a transfer took longer than that: 100M
+    # parameters at 100 Mbit/s need 34 s against a 30 s timeout. The same here at a small scale:
+    # 1 MB each way at 5 Mbit/s takes 1.6 s against a 0.5 s connect timeout.
+    with Testbed(2, rate_mbit=5, name_prefix=PREFIX) as tb:
+        assert 1.6 <= tb.measure_exchange(1_000_000, connect_timeout_s=0.5, timeout_s=30) <= 4.0
+
+
 def test_hosts_use_the_congestion_control_asked_for():
     default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     others = [cc for cc in network.available_congestion_controls() if cc != default]

@@ -431,17 +431,26 @@ class Testbed:
         receiver.wait(10)
         return result["mbit"]
 
-    def measure_exchange(self, nbytes: int, *, port: int = 5202, timeout_s: float | None = None) -> float:
+    def measure_exchange(
+        self,
+        nbytes: int,
+        *,
+        port: int = 5202,
+        timeout_s: float | None = None,
+        connect_timeout_s: float = 30.0,
+    ) -> float:
         """Seconds until every host has received ``nbytes`` from every other host, all sending to all
         at once over plain TCP (one connection per pair and direction): the traffic of an all-reduce
         that sends ``nbytes`` each way between every pair, without its protocol, the floor that TCP
         and these links leave it. ``timeout_s`` defaults to a minute plus four times what the
-        slowest link needs, so that big exchanges on slow links are not cut short."""
+        slowest link needs, so that big exchanges on slow links are not cut short; ``connect_timeout_s``
+        bounds each host's connecting to the others, not the transfer."""
         if timeout_s is None:
             slowest_s = nbytes * (len(self.hosts) - 1) * 8 / (min(self.rates_mbit) * 1e6)
             timeout_s = 60 + 4 * slowest_s
         tool = [sys.executable, "-m", "benchmarks.testbed.tcp_stream", "exchange", "--port", str(port)]
         tool += ["--addresses", ",".join(h.address for h in self.hosts), "--bytes", str(nbytes)]
+        tool += ["--connect-timeout-s", str(connect_timeout_s)]
         procs = []
         for i, host in enumerate(self.hosts):
             pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}

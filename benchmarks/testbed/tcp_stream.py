@@ -59,9 +59,12 @@ def send(to: str, port: int, seconds: float) -> None:
             conn.sendall(payload)
 
 
-def exchange(me: int, addresses: list[str], port: int, nbytes: int) -> dict[str, float]:
+def exchange(
+    me: int, addresses: list[str], port: int, nbytes: int, connect_timeout_s: float = 30.0
+) -> dict[str, float]:
     """Send ``nbytes`` to every other host and receive as many from each, all at once: one TCP
-    connection per pair and direction, each sent from its own thread."""
+    connection per pair and direction, each sent from its own thread. ``connect_timeout_s`` bounds
+    connecting only, however long the transfer takes."""
     others = [a for i, a in enumerate(addresses) if i != me]
     received_at: list[tuple[int, float]] = []  # (bytes, when the last of them arrived) per sender
     with socket.create_server((addresses[me], port), backlog=len(others)) as server:
@@ -79,7 +82,7 @@ def exchange(me: int, addresses: list[str], port: int, nbytes: int) -> dict[str,
         for thread in receivers:
             thread.start()
         start = float(sys.stdin.readline().split()[1])
-        conns = [socket.create_connection((a, port), timeout=30) for a in others]
+        conns = [socket.create_connection((a, port), timeout=connect_timeout_s) for a in others]
         payload = memoryview(b"\0" * nbytes)
 
         def send_all(conn: socket.socket) -> None:
@@ -124,11 +127,13 @@ def main() -> None:
     exch.add_argument("--addresses", required=True, help="every host's address, comma-separated")
     exch.add_argument("--port", type=int, required=True)
     exch.add_argument("--bytes", type=int, required=True, help="sent to each other host")
+    exch.add_argument("--connect-timeout-s", type=float, default=30.0)
     args = parser.parse_args()
     if args.command == "receive":
         print(json.dumps(receive(args.bind, args.port, args.skip_s)), flush=True)
     elif args.command == "exchange":
-        print(json.dumps(exchange(args.me, args.addresses.split(","), args.port, args.bytes)), flush=True)
+        result = exchange(args.me, args.addresses.split(","), args.port, args.bytes, args.connect_timeout_s)
+        print(json.dumps(result), flush=True)
     else:
         send(args.to, args.port, args.seconds)
 
