@@ -1,6 +1,7 @@
 """All-reduce of a model-sized set of tensors across N peers on capped links, against the bound.
 
     python -m benchmarks.bench_averaging [--quick | --full] [--json F] [--markdown F] [--plot F.png]
+        [--logs DIR]
 
 Each peer is a process in its own testbed host (network namespace, link capped with tbf both ways,
 100 Mbit/s by default), with its own DHT (all bootstrap from peer 0) and one hivemind
@@ -415,8 +416,10 @@ def main() -> None:
     results = []
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
-    keep_logs = contextlib.nullcontext(str(args.logs)) if args.logs else None
-    with keep_logs or tempfile.TemporaryDirectory(prefix="bench-averaging-") as logs:
+        logs_dir = contextlib.nullcontext(str(args.logs))
+    else:
+        logs_dir = tempfile.TemporaryDirectory(prefix="bench-averaging-")
+    with logs_dir as logs:
         for n in peer_counts:
             with Testbed(n, rate_mbit=args.rate_mbit, congestion_control=args.congestion_control) as tb:
                 for size in sizes:
