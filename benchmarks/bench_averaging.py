@@ -64,6 +64,8 @@ WIDTH = 1024
 SIZES = {"25M": 2, "100M": 8}
 """Model size name -> number of transformer layers of width :data:`WIDTH`."""
 COMPRESSIONS = ("none", "fp16", "8bit")
+MATCHMAKING_TIME_S = 2.0
+"""Each peer's ``min_matchmaking_time``: matchmaking is not timed, only the all-reduce after it."""
 
 
 def layer_shapes(width: int) -> list[tuple[int, ...]]:
@@ -130,7 +132,11 @@ def run_peer(spec: PeerSpec) -> None:
     from hivemind.averaging.control import AveragingStage
 
     from dalle_together.swarm.allreduce import InPlaceAveragingMixin
-    from dalle_together.swarm.optimizer import QuietDeclarationsMixin, averaging_compression
+    from dalle_together.swarm.optimizer import (
+        QuietDeclarationsMixin,
+        averaging_compression,
+        matchmaking_request_timeout,
+    )
 
     torch.set_num_threads(1)
     shapes = model_shapes(spec.size)
@@ -150,8 +156,8 @@ def run_peer(spec: PeerSpec) -> None:
         prefix="bench_averaging",
         target_group_size=spec.num_peers,
         min_group_size=spec.num_peers,
-        min_matchmaking_time=2.0,
-        request_timeout=1.0,  # below min_matchmaking_time, as hivemind asks and the swarm does
+        min_matchmaking_time=MATCHMAKING_TIME_S,
+        request_timeout=matchmaking_request_timeout(MATCHMAKING_TIME_S),
         compression=averaging_compression(spec.compression, spec.threshold),
         part_size_bytes=spec.part_size_bytes,
         allreduce_timeout=600.0,

@@ -251,6 +251,12 @@ class WaitsForItsOwnGroup(KeepsHivemindWireNames):
             yield
 
 
+def matchmaking_request_timeout(matchmaking_time_s: float) -> float:
+    """How long an averager waits for a groupmate's matchmaking answer: below the matchmaking time,
+    as hivemind asks (a longer one can deadlock matchmaking), and at most 3 s."""
+    return min(3.0, matchmaking_time_s / 2)
+
+
 STATE_ROUND_PATIENCE = 2.0
 """A state-averaging round looks for a group for at most this many matchmaking times."""
 
@@ -528,7 +534,7 @@ def make_swarm_optimizer(
             f"client_mode={client_mode} but the DHT was started with client_mode={dht.client_mode}"
         )
 
-    request_timeout = min(3.0, swarm.matchmaking_time_s / 2)
+    request_timeout = matchmaking_request_timeout(swarm.matchmaking_time_s)
     kind = compression if compression is not None else swarm.compression
     averaging = averaging_compression(kind, swarm.size_adaptive_threshold)
     params = list(param_groups) if param_groups is not None else default_param_groups(model, cfg.optim)
